@@ -1,0 +1,22 @@
+"""Test configuration: quiet TensorFlow, float32 by default, and a float64 fixture."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+@pytest.fixture
+def float64():
+  """Builds Keras layers in float64 for the duration of a test (Jacobian checks)."""
+  keras.config.set_floatx('float64')
+  yield tf.float64
+  keras.config.set_floatx('float32')
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+  keras.utils.set_random_seed(1234)

@@ -1,0 +1,65 @@
+"""Shared checks of flow mathematics, used by the tests of every bijector and model.
+
+All checks run eagerly in float64 on small inputs unless they say otherwise.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def assert_invertible(bijector, x, atol=1e-5, **condition):
+  """inverse(forward(x)) == x, and the two log-dets are negatives of each other."""
+  y, fldj = bijector.forward_and_log_det(x, **condition)
+  x_back, ildj = bijector.inverse_and_log_det(y, **condition)
+  np.testing.assert_allclose(_np(x_back), _np(x), atol=atol)
+  batch = tf.nest.flatten(x)[0].shape[0]
+  np.testing.assert_allclose(_per_example(fldj, batch), -_per_example(ildj, batch), atol=atol)
+  return y
+
+
+def assert_log_det_matches_jacobian(bijector, x, atol=1e-6, **condition):
+  """The bijector's forward log-det equals log|det J| of the autodiff Jacobian, per example.
+
+  x: a float64 tensor [B, H, W, C] with small H*W*C (the Jacobian is (HWC)^2 per example).
+  The output may have a different shape than x (e.g. squeeze) but must have the same size.
+  """
+  batch = x.shape[0]
+  _, fldj = bijector.forward_and_log_det(x, **condition)
+  fldj = _per_example(fldj, batch)
+  for b in range(batch):
+    xb = x[b:b + 1]
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(xb)
+      yb, _ = bijector.forward_and_log_det(xb, **condition)
+      flat = tf.reshape(yb, [-1])
+    jac = tape.jacobian(flat, xb, experimental_use_pfor=False)
+    jac = tf.reshape(jac, [flat.shape[0], -1])
+    assert jac.shape[0] == jac.shape[1], f'not square: {jac.shape}'
+    _, logabsdet = np.linalg.slogdet(jac.numpy())
+    np.testing.assert_allclose(fldj[b], logabsdet, atol=atol, rtol=1e-6)
+
+
+def assert_unknown_batch(bijector, x, jit_compile):
+  """forward/inverse trace with a [None, H, W, C] signature (optionally under XLA) and agree
+  with the eager results."""
+  spec = tf.TensorSpec([None] + list(x.shape[1:]), x.dtype)
+  fwd = tf.function(lambda t: bijector.forward_and_log_det(t), input_signature=[spec],
+                    jit_compile=jit_compile)
+  y, ldj = fwd(x)
+  y_eager, ldj_eager = bijector.forward_and_log_det(x)
+  np.testing.assert_allclose(_np(y), _np(y_eager), atol=1e-5)
+  np.testing.assert_allclose(_per_example(ldj, x.shape[0]), _per_example(ldj_eager, x.shape[0]),
+                             atol=1e-4, rtol=1e-5)
+  out_spec = tf.TensorSpec([None] + list(y.shape[1:]), y.dtype)
+  inv = tf.function(lambda t: bijector.inverse_and_log_det(t), input_signature=[out_spec],
+                    jit_compile=jit_compile)
+  x_back, _ = inv(y)
+  np.testing.assert_allclose(_np(x_back), _np(x), atol=1e-4)
+
+
+def _np(t):
+  return np.concatenate([np.reshape(np.asarray(v), [-1]) for v in tf.nest.flatten(t)])
+
+
+def _per_example(ldj, batch):
+  return np.broadcast_to(np.asarray(ldj, dtype=np.float64), [batch])
