@@ -13,8 +13,10 @@ import tensorflow as tf  # noqa: E402
 def float64():
   """Builds Keras layers in float64 for the duration of a test (Jacobian checks)."""
   keras.config.set_floatx('float64')
+  keras.config.set_dtype_policy('float64')
   yield tf.float64
   keras.config.set_floatx('float32')
+  keras.config.set_dtype_policy('float32')
 
 
 @pytest.fixture(autouse=True)
