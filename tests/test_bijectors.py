@@ -1,0 +1,294 @@
+"""Tests of the basic bijectors: squeeze, 1x1 conv, coupling, permutations, preprocessing.
+
+Tolerances: round trips in float64 to 1e-10 (1e-5 in float32); log-dets against the autodiff
+Jacobian in float64 to 1e-6 (flow_checks); tf.function / XLA results against eager to 1e-5.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bijectors
+from bijectors import AffineCoupling
+from tests import flow_checks
+
+ATOL64 = 1e-10
+
+
+def conditioner(out_channels):
+  """A small 3x3 conv conditioner with non-zero (Glorot and random bias) weights."""
+  return keras.layers.Conv2D(out_channels, 3, padding='same',
+                             bias_initializer=keras.initializers.RandomNormal(stddev=0.5))
+
+
+def coupling(channels, mask, parity=0, scale_fn='sigmoid'):
+  net = conditioner(AffineCoupling.conditioner_channels(channels, mask))
+  return AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn=scale_fn)
+
+
+def conv1x1(channels, parameterization):
+  """A 1x1 conv whose weights are moved away from the (log-det 0) orthogonal init."""
+  b = bijectors.InvertibleConv1x1(channels, parameterization)
+  rng = np.random.default_rng(0)
+  for w in b.params.trainable_weights:
+    w.assign(w.numpy() + 0.3 * rng.standard_normal(w.shape))
+  return b
+
+
+def flat_permutation(event_shape, out_shape=None):
+  size = int(np.prod(event_shape))
+  return bijectors.FlatPermutation(np.random.default_rng(1).permutation(size), event_shape,
+                                   out_shape)
+
+
+# name -> (factory, input shape, input kind). Built inside the test (after the dtype fixture).
+CASES = {
+    'squeeze': (lambda: bijectors.Squeeze(), [2, 4, 4, 2], 'normal'),
+    'conv1x1_lu': (lambda: conv1x1(4, 'lu'), [2, 2, 2, 4], 'normal'),
+    'conv1x1_plain': (lambda: conv1x1(4, 'plain'), [2, 2, 2, 4], 'normal'),
+    'reverse': (lambda: bijectors.ReverseChannels(), [2, 2, 2, 3], 'normal'),
+    'swap_odd': (lambda: bijectors.SwapHalves(), [2, 2, 2, 5], 'normal'),
+    'channel_perm': (lambda: bijectors.ChannelPermutation([2, 0, 3, 1]), [2, 2, 2, 4], 'normal'),
+    'flat_perm': (lambda: flat_permutation([4, 4, 2], [2, 2, 8]), [2, 4, 4, 2], 'normal'),
+    'to_unit': (lambda: bijectors.ToUnitInterval(), [2, 2, 2, 3], 'pixels'),
+    'logit': (lambda: bijectors.Logit(0.05), [2, 2, 2, 3], 'unit'),
+}
+for _mask, _shape in [('channel', [2, 4, 4, 3]), ('checkerboard', [2, 4, 4, 2])]:
+  for _scale in ('sigmoid', 'exp_tanh', 'tanh'):
+    for _parity in (0, 1):
+      CASES[f'coupling_{_mask}_{_scale}_{_parity}'] = (
+          lambda m=_mask, s=_scale, p=_parity, c=_shape[-1]: coupling(c, m, p, s), _shape,
+          'normal')
+
+
+def make_input(shape, kind, dtype):
+  if kind == 'pixels':
+    return tf.random.uniform(shape, 0., 256., dtype=dtype)
+  if kind == 'unit':
+    return tf.random.uniform(shape, -0.5, 0.5, dtype=dtype)
+  return tf.random.normal(shape, dtype=dtype)
+
+
+# -- the shared checks on every bijector ----------------------------------------------------
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_invertible_and_log_det_matches_jacobian(case, float64):
+  factory, shape, kind = CASES[case]
+  b = factory()
+  x = make_input(shape, kind, tf.float64)
+  y = flow_checks.assert_invertible(b, x, atol=ATOL64)
+  # forward(inverse(y)) == y as well.
+  x_back, _ = b.inverse_and_log_det(y)
+  y_again, _ = b.forward_and_log_det(x_back)
+  np.testing.assert_allclose(y_again.numpy(), y.numpy(), atol=ATOL64)
+  flow_checks.assert_log_det_matches_jacobian(b, x)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_event_shapes(case):
+  factory, shape, kind = CASES[case]
+  b = factory()
+  x = make_input(shape, kind, tf.float32)
+  y = b.forward(x)
+  assert b.forward_event_shape(x.shape[1:]) == y.shape[1:]
+  assert b.inverse_event_shape(y.shape[1:]) == x.shape[1:]
+  assert b.forward_event_shape_tensor(tf.constant(shape[1:])).numpy().tolist() == y.shape[1:]
+  assert b.inverse_event_shape_tensor(tf.constant(y.shape[1:])).numpy().tolist() == shape[1:]
+  # The TFP log-det methods give one value per example.
+  assert b.forward_log_det_jacobian(x).shape == [shape[0]]
+
+
+@pytest.mark.parametrize('jit_compile', [False, True])
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_unknown_batch(case, jit_compile):
+  factory, shape, kind = CASES[case]
+  b = factory()
+  x = make_input([3] + shape[1:], kind, tf.float32)
+  flow_checks.assert_unknown_batch(b, x, jit_compile)
+
+
+# -- squeeze ----------------------------------------------------------------------------------
+def test_squeeze_channel_order():
+  h, w, c = 4, 6, 3
+  x = np.arange(2 * h * w * c, dtype=np.float32).reshape([2, h, w, c])
+  y = bijectors.squeeze(tf.constant(x)).numpy()
+  assert y.shape == (2, h // 2, w // 2, 4 * c)
+  for i in range(h // 2):
+    for j in range(w // 2):
+      for ch in range(c):
+        for dy in range(2):
+          for dx in range(2):
+            assert y[1, i, j, ch * 4 + 2 * dy + dx] == x[1, 2 * i + dy, 2 * j + dx, ch]
+  np.testing.assert_array_equal(bijectors.unsqueeze(tf.constant(y)).numpy(), x)
+
+
+def test_squeeze_any_batch_rank():
+  x = tf.random.normal([2, 3, 4, 4, 1])
+  y = bijectors.squeeze(x)
+  assert y.shape == [2, 3, 2, 2, 4]
+  np.testing.assert_array_equal(y[1, 2], bijectors.squeeze(x[1])[2])
+  np.testing.assert_array_equal(bijectors.unsqueeze(y), x)
+
+
+@pytest.mark.parametrize('shape', [[1, 3, 4, 2], [1, 4, 5, 2]])
+def test_squeeze_odd_size_raises(shape):
+  with pytest.raises(ValueError, match='even height and width'):
+    bijectors.Squeeze().forward(tf.zeros(shape))
+
+
+def test_unsqueeze_bad_channels_raises():
+  with pytest.raises(ValueError, match='divisible by 4'):
+    bijectors.unsqueeze(tf.zeros([1, 2, 2, 6]))
+
+
+# -- 1x1 conv ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('parameterization', ['lu', 'plain'])
+def test_conv1x1_convention_and_init(parameterization):
+  b = bijectors.InvertibleConv1x1(3, parameterization)
+  w, log_abs_det = b._matrix_and_log_abs_det(tf.float32)
+  np.testing.assert_allclose(w.numpy() @ w.numpy().T, np.eye(3), atol=1e-5)  # orthogonal
+  np.testing.assert_allclose(log_abs_det.numpy(), 0., atol=1e-5)
+  x = tf.random.normal([2, 2, 2, 3])
+  y = b.forward(x)
+  np.testing.assert_allclose(y[1, 0, 1].numpy(), w.numpy() @ x[1, 0, 1].numpy(), atol=1e-5)
+  assert len(b.layers[0].trainable_weights) == (3 if parameterization == 'lu' else 1)
+
+
+def test_conv1x1_lu_fixed_parts_are_saved_weights():
+  p = bijectors.InvertibleConv1x1(4, 'lu').params
+  assert {w.name for w in p.non_trainable_weights} == {'perm', 'sign'}
+  perm = p.perm.numpy()
+  np.testing.assert_array_equal(np.sort(perm, axis=0)[-1], np.ones(4))  # a permutation matrix
+
+
+def test_conv1x1_bad_parameterization():
+  with pytest.raises(ValueError, match='parameterization'):
+    bijectors.InvertibleConv1x1(3, 'qr')
+
+
+# -- coupling -------------------------------------------------------------------------------
+@pytest.mark.parametrize('parity, kept', [(0, [0, 1, 2]), (1, [2, 3, 4])])
+def test_channel_coupling_parity(parity, kept):
+  b = coupling(5, 'channel', parity)
+  x = tf.random.normal([2, 4, 4, 5])
+  y = b.forward(x)
+  np.testing.assert_array_equal(tf.gather(y, kept, axis=-1), tf.gather(x, kept, axis=-1))
+  changed = [c for c in range(5) if c not in kept]
+  assert np.all(np.abs(tf.gather(y - x, changed, axis=-1).numpy()) > 0)
+
+
+@pytest.mark.parametrize('parity', [0, 1])
+def test_checkerboard_parity(parity):
+  b = coupling(2, 'checkerboard', parity)
+  x = tf.random.normal([1, 4, 4, 2])
+  same = np.all(b.forward(x).numpy() == x.numpy(), axis=-1)[0]
+  hh, ww = np.meshgrid(np.arange(4), np.arange(4), indexing='ij')
+  np.testing.assert_array_equal(same, (hh + ww + parity) % 2 == 1)
+
+
+@pytest.mark.parametrize('mask', ['channel', 'checkerboard'])
+def test_conditional_coupling(mask, float64):
+  c = 2
+  net = conditioner(AffineCoupling.conditioner_channels(c, mask))
+  b = AffineCoupling(net, c, mask=mask, scale_fn='exp_tanh')
+  x = tf.random.normal([1, 2, 4, c], dtype=tf.float64)
+  ctx = tf.random.normal([1, 2, 4, 3], dtype=tf.float64)
+  flow_checks.assert_invertible(b, x, atol=ATOL64, context=ctx)
+  flow_checks.assert_log_det_matches_jacobian(b, x, context=ctx)
+  assert net.kernel.shape[2] == (1 if mask == 'channel' else c) + 3  # the context was seen
+  y_other, _ = b.forward_and_log_det(x, context=ctx + 1.)
+  assert not np.allclose(y_other.numpy(), b.forward(x, context=ctx).numpy())
+
+
+@pytest.mark.parametrize('jit_compile', [False, True])
+def test_conditional_coupling_unknown_batch(jit_compile):
+  b = coupling(2, 'checkerboard', 1, 'tanh')
+  spec = tf.TensorSpec([None, 4, 4, 2])
+  fwd = tf.function(lambda t, c: b.forward_and_log_det(t, context=c), jit_compile=jit_compile,
+                    input_signature=[spec, spec])
+  inv = tf.function(lambda t, c: b.inverse_and_log_det(t, context=c), jit_compile=jit_compile,
+                    input_signature=[spec, spec])
+  x, ctx = tf.random.normal([3, 4, 4, 2]), tf.random.normal([3, 4, 4, 2])
+  y, ldj = fwd(x, ctx)
+  y_eager, ldj_eager = b.forward_and_log_det(x, context=ctx)
+  np.testing.assert_allclose(y.numpy(), y_eager.numpy(), atol=1e-5)
+  np.testing.assert_allclose(ldj.numpy(), ldj_eager.numpy(), atol=1e-4)
+  np.testing.assert_allclose(inv(y, ctx)[0].numpy(), x.numpy(), atol=1e-4)
+
+
+def test_coupling_layers_and_tanh_scale_init():
+  b = coupling(4, 'channel', scale_fn='tanh')
+  assert b.layers == [b.conditioner, b.tanh_scale]
+  np.testing.assert_array_equal(b.tanh_scale.scale.numpy(), np.ones(2))
+  plain = coupling(4, 'channel')
+  assert plain.layers == [plain.conditioner] and plain.tanh_scale is None
+
+
+def test_coupling_conditioner_channels():
+  assert AffineCoupling.conditioner_channels(5, 'channel') == 4
+  assert AffineCoupling.conditioner_channels(5, 'checkerboard') == 10
+  b = AffineCoupling(conditioner(3), 4, mask='channel')
+  with pytest.raises(ValueError, match='must output 4 channels'):
+    b.forward(tf.zeros([1, 2, 2, 4]))
+  with pytest.raises(ValueError, match='mask'):
+    AffineCoupling(conditioner(2), 4, mask='stripes')
+
+
+# -- permutations -----------------------------------------------------------------------------
+def test_swap_halves_odd():
+  x = tf.reshape(tf.range(5.), [1, 1, 1, 5])
+  y = bijectors.SwapHalves().forward(x)
+  np.testing.assert_array_equal(y.numpy().ravel(), [3., 4., 0., 1., 2.])
+
+
+def test_channel_and_flat_permutation_order():
+  x = tf.reshape(tf.range(8.), [1, 2, 2, 2])
+  y = bijectors.ChannelPermutation([1, 0]).forward(x)
+  np.testing.assert_array_equal(y.numpy()[..., 0], x.numpy()[..., 1])
+  perm = np.arange(8)[::-1]
+  y = bijectors.FlatPermutation(perm, [2, 2, 2], [1, 1, 8]).forward(x)
+  np.testing.assert_array_equal(y.numpy().ravel(), np.arange(8.)[::-1])
+
+
+@pytest.mark.parametrize('perm, message', [
+    ([0, 1, 1], 'duplicated indices \\[1\\]'),
+    ([0, 1, 3], 'out-of-range indices \\[3\\]'),
+    ([[0, 1]], '1-D'),
+])
+def test_non_permutation_raises(perm, message):
+  with pytest.raises(ValueError, match=message):
+    bijectors.ChannelPermutation(perm)
+
+
+def test_flat_permutation_bad_sizes():
+  with pytest.raises(ValueError, match='has 7 entries but must have 8'):
+    bijectors.FlatPermutation(list(range(7)), [2, 2, 2])
+  with pytest.raises(ValueError, match='different size'):
+    bijectors.FlatPermutation(list(range(8)), [2, 2, 2], [2, 2, 3])
+
+
+# -- composition ------------------------------------------------------------------------------
+@pytest.mark.parametrize('jit_compile', [False, True])
+def test_chain_of_everything(jit_compile):
+  flow = bijectors.Chain([
+      bijectors.ToUnitInterval(), bijectors.Logit(), bijectors.Squeeze(),
+      bijectors.InvertibleConv1x1(8), coupling(8, 'channel', 0, 'sigmoid'), bijectors.SwapHalves(),
+      bijectors.ReverseChannels(), flat_permutation([2, 2, 8], [4, 4, 2])])
+  v = make_input([2, 4, 4, 2], 'pixels', tf.float32)
+  flow_checks.assert_invertible(flow, v, atol=1e-3)
+  flow_checks.assert_unknown_batch(flow, v, jit_compile)
+  assert flow.forward_event_shape([4, 4, 2]) == [4, 4, 2]
+  assert len(flow.layers) == 2
+
+
+# -- preprocessing ----------------------------------------------------------------------------
+def test_preprocess_values():
+  v = tf.constant([0., 128., 256.], shape=[1, 1, 1, 3])
+  x, ldj = bijectors.ToUnitInterval().forward_and_log_det(v)
+  np.testing.assert_allclose(x.numpy().ravel(), [-0.5, 0., 0.5])
+  np.testing.assert_allclose(ldj.numpy(), -3 * math.log(256.), rtol=1e-6)
+  y = bijectors.Logit(0.05).forward(x)
+  np.testing.assert_allclose(y.numpy().ravel(), [math.log(0.05 / 0.95), 0., math.log(19.)],
+                             rtol=1e-5, atol=1e-6)

@@ -1,0 +1,112 @@
+"""TensorFlow Datasets sources: mnist, cifar10, celeb_a, imagenet_resized/{32x32,64x64}.
+
+Each loader returns a tf.data.Dataset of (image uint8 [H, W, C], label int64) with the
+project's preprocessing: MNIST zero-padded to 32x32, CelebA centre-cropped to 148x148 and
+box-resized to 64x64 (the DenseFlow / Glow protocol; DenseFlow's public code forgets the crop).
+CelebA has no class label; its label is -1.
+
+`download=False` by default: these machines have no network, so a missing dataset raises a
+FileNotFoundError naming the dataset, the data_dir and the command that prepares it, instead
+of tfds trying (and failing) to download. `tensorflow_datasets` is imported lazily.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+CELEBA_CROP = 148
+CELEBA_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A TFDS dataset and how its examples map to (image, label)."""
+  tfds_name: str
+  splits: dict  # our split name -> TFDS split name
+  preprocess: object  # uint8 image -> uint8 image
+  has_label: bool = True
+
+
+def pad_mnist(image):
+  """uint8 [28, 28, 1] -> [32, 32, 1], 2 zero pixels on every side."""
+  return tf.pad(image, [[2, 2], [2, 2], [0, 0]])
+
+
+def celeba_crop_resize(image, crop=CELEBA_CROP, size=CELEBA_SIZE):
+  """CelebA uint8 [..., 218, 178, 3] -> uint8 [..., size, size, 3].
+
+  Takes the central crop x crop window (rows 35..182, columns 15..162 at 218x178), then
+  resizes with area (box) averaging, which antialiases, and rounds back to uint8.
+  """
+  image = tf.convert_to_tensor(image)
+  h, w = image.shape[-3], image.shape[-2]
+  if h is None or w is None:
+    h, w = tf.shape(image)[-3], tf.shape(image)[-2]
+  top, left = (h - crop) // 2, (w - crop) // 2
+  image = image[..., top:top + crop, left:left + crop, :]
+  resized = tf.image.resize(tf.cast(image, tf.float32), [size, size], method='area')
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0., 255.), tf.uint8)
+
+
+SOURCES = {
+    'mnist': TfdsSource('mnist', {'train': 'train', 'test': 'test'}, pad_mnist),
+    'cifar10': TfdsSource('cifar10', {'train': 'train', 'test': 'test'}, lambda x: x),
+    'celeba64': TfdsSource('celeb_a', {'train': 'train', 'validation': 'validation',
+                                       'val': 'validation', 'test': 'test'},
+                           celeba_crop_resize, has_label=False),
+    'imagenet32': TfdsSource('imagenet_resized/32x32',
+                             {'train': 'train', 'val': 'validation',
+                              'validation': 'validation', 'test': 'validation'}, lambda x: x),
+    'imagenet64': TfdsSource('imagenet_resized/64x64',
+                             {'train': 'train', 'val': 'validation',
+                              'validation': 'validation', 'test': 'validation'}, lambda x: x),
+}
+
+
+def prepare_command(tfds_name, data_dir):
+  """Shell command that prepares `tfds_name` in `data_dir` (on a machine with network)."""
+  target = f' --data_dir {data_dir}' if data_dir else ''
+  cmd = f'`tfds build {tfds_name}{target}`'
+  if tfds_name == 'celeb_a':
+    cmd += (' (CelebA comes from Google Drive, which often rate-limits: if it fails, fetch '
+            'the files by hand and use --manual_dir)')
+  if tfds_name.startswith('imagenet_resized'):
+    cmd += ' (or use the image-net.org npz batches directly: see tfflows.data.imagenet_npz)'
+  return (f'{cmd}, or tfds.load({tfds_name!r}, data_dir={data_dir!r}, download=True) '
+          f'in Python, then copy data_dir here')
+
+
+def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False, seed=0):
+  """tf.data.Dataset of (image uint8, label int64) for one of `SOURCES`.
+
+  name: 'mnist', 'cifar10', 'celeba64', 'imagenet32', 'imagenet64'.
+  data_dir: TFDS data directory (None: TFDS' default, ~/tensorflow_datasets).
+  download: let TFDS download and prepare missing data (needs network).
+  shuffle_files: seeded shuffling of the TFDS shard order.
+  """
+  if name not in SOURCES:
+    raise ValueError(f'no TFDS source {name!r}; known: {sorted(SOURCES)}')
+  source = SOURCES[name]
+  if split not in source.splits:
+    raise ValueError(f'{name} has splits {sorted(source.splits)}, not {split!r}')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+  try:
+    ds = tfds.load(source.tfds_name, split=source.splits[split], data_dir=data_dir,
+                   download=download, shuffle_files=shuffle_files, read_config=read_config)
+  except (AssertionError, FileNotFoundError, OSError,
+          tfds.core.registered.DatasetNotFoundError) as e:
+    where = data_dir or '~/tensorflow_datasets (TFDS default)'
+    raise FileNotFoundError(
+        f'TFDS dataset {source.tfds_name!r} (for {name!r}, split {split!r}) is not prepared '
+        f'in data_dir={where!r}{"" if download else " and download=False"}. '
+        f'Prepare it with {prepare_command(source.tfds_name, data_dir)}. '
+        f'(TFDS said: {type(e).__name__}: {e})') from e
+
+  def convert(example):
+    image = source.preprocess(example['image'])
+    label = example['label'] if source.has_label else tf.constant(-1, tf.int64)
+    return image, tf.cast(label, tf.int64)
+
+  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

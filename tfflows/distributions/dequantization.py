@@ -1,0 +1,26 @@
+"""Dequantization: from discrete images to a continuous density, as part of the model.
+
+For an image x in {0..255}^D and noise u in [0, 1)^D drawn from q(u | x), v = x + u is a
+dequantized image in [0, 256)^D and (Theis et al. 2016; Ho et al. 2019)
+
+    log P(x) >= E_q[ log p(x + u) - log q(u | x) ].
+
+Uniform dequantization has q = U(0, 1)^D, so log q = 0. Every flow in tfflows starts with
+``bijectors.ToUnitInterval`` (v / 256 - 0.5, log-det -D ln 256), so p is a density over
+[0, 256)^D and the bound above is directly a discrete-data log-likelihood.
+"""
+
+import keras
+import tensorflow as tf
+
+
+class UniformDequantizer(keras.layers.Layer):
+  """q(u | x) = U(0, 1)^D."""
+
+  def call(self, images, seed_generator=None, midpoint=False):
+    """images: float [B, H, W, C] in {0..255}. Returns (v = x + u, log q(u | x) = 0 [B])."""
+    if midpoint:
+      u = 0.5 * tf.ones_like(images)
+    else:
+      u = keras.random.uniform(tf.shape(images), dtype=images.dtype, seed=seed_generator)
+    return images + u, tf.zeros(tf.shape(images)[:1], images.dtype)

@@ -1,0 +1,250 @@
+"""FlowModel: the Keras model every tfflows architecture is, and the public contract.
+
+    model.log_prob(images, num_samples=1)   [B] nats for uint8 images [B, H, W, C]
+    model.bits_per_dim(images, num_samples=1)
+    model.sample(n, temperature=1.0, seed=None) -> uint8 [n, H, W, C]
+    model.encode(images) / model.decode(latents)
+    model.distribution                     tfd distribution over dequantized images x + u
+
+For images x, dequantization noise u ~ q(u|x) and, in augmented flows (DenseFlow), noise
+e ~ p*(e) = N(0, I), one joint sample gives the log-weight
+
+    log w = log p(x + u, e) - log q(u | x) - log p*(e)
+          = log p_prior(z) + log|det dz/d(x + u, e)| - log q(u | x) - log p*(e),
+
+whose expectation lower-bounds log P(x) (the training objective, k = 1), and k samples give
+the importance-weighted estimate log (1/k) sum_j w_j, which does not decrease in expectation
+as k grows and tends to log P(x). Flows without augmentation and with uniform dequantization
+have log p*(e) = log q = 0. Bits/dim = -log P / (D ln 2), with D = H * W * C of the image.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfflows.distributions import joint
+
+tfd = tfp.distributions
+tfb = tfp.bijectors
+
+
+class FlowModel(keras.Model):
+  """A multi-scale flow with its prior and dequantizer, trained by maximum likelihood.
+
+  flow: ``bijectors.MultiScaleFlow`` from dequantized images [0, 256) to latents (top-down);
+  priors: one prior layer per latent (top-down); dequantizer: a Keras layer
+  ``(images, seed_generator, midpoint) -> (x + u, log q(u|x))``.
+  """
+
+  def __init__(self, config, flow, priors, dequantizer, iw_chunk_size=16, max_grad_norm=0.,
+               **kwargs):
+    super().__init__(name=config.model, **kwargs)
+    self.config = config
+    self.flow = flow
+    self.priors = list(priors)
+    self.dequantizer = dequantizer
+    self.flow_layers = flow.layers
+    self.seed_generator = keras.random.SeedGenerator(0)
+    self.iw_chunk_size = iw_chunk_size
+    self.max_grad_norm = max_grad_norm
+    self.image_shape = tuple(config.image_shape)
+    self.num_dims = int(np.prod(self.image_shape))
+    self._build_weights()
+
+  # -- construction ---------------------------------------------------------------------------
+  def _build_weights(self):
+    """Creates every weight by one generative pass (which leaves ActNorm uninitialised, so the
+    first training batch still initialises it) and one dequantizer pass."""
+    joint.sample_top_down(self.flow, self.priors, 1, seed=0)
+    self.dequantizer(tf.zeros((1,) + self.image_shape), seed_generator=self.seed_generator,
+                     midpoint=True)
+    self.built = True
+
+  # -- input checks ---------------------------------------------------------------------------
+  def check_images(self, images):
+    """Converts uint8 images [B, H, W, C] to float32, or raises ValueError naming the problem."""
+    if not isinstance(images, tf.Tensor) or tf.executing_eagerly():
+      images = _as_checked_array(images, self.image_shape)
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8:
+      raise ValueError(f'Expected uint8 images with values in [0, 255], got dtype {images.dtype}.')
+    if images.shape.rank != 4 or tuple(images.shape[1:]) != self.image_shape:
+      raise ValueError(f'Expected images of shape [batch, {", ".join(map(str, self.image_shape))}]'
+                       f', got {images.shape}.')
+    return tf.cast(images, tf.float32)
+
+  # -- the likelihood -------------------------------------------------------------------------
+  def call(self, images, training=None):
+    """One-sample log-weight log w (nats, [B]) of float images in {0..255}."""
+    return self.log_weight(images, training=training)
+
+  def log_weight(self, images, training=None, midpoint=False):
+    values, log_q = self.dequantizer(images, seed_generator=self.seed_generator,
+                                     midpoint=midpoint)
+    noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint)
+    latents, contexts, log_det = self.flow.encode(values, noise)
+    log_p = joint.prior_log_prob(self.priors, latents, contexts)
+    return log_p + log_det - log_q - log_p_noise
+
+  def _augmentation_noise(self, batch, zero=False):
+    noise, log_p = [], 0.
+    for shape in self.flow.noise_shapes:
+      full = tf.concat([[batch], shape], axis=0)
+      e = (tf.zeros(full) if zero else keras.random.normal(full, seed=self.seed_generator))
+      noise.append(e)
+      log_p = log_p + tf.reduce_sum(tfd.Normal(0., 1.).log_prob(e), axis=[1, 2, 3])
+    return noise, log_p
+
+  def log_prob(self, images, num_samples=1):
+    """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate."""
+    images = self.check_images(images)
+    if num_samples < 1:
+      raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+    if num_samples == 1:
+      return self._log_prob_fn()(images)
+    return self._iw_fn(int(num_samples))(images)
+
+  def bits_per_dim(self, images, num_samples=1):
+    """-log P(images) / (D ln 2), [B]."""
+    return self.to_bits_per_dim(self.log_prob(images, num_samples))
+
+  def to_bits_per_dim(self, log_prob):
+    return -log_prob / (self.num_dims * math.log(2.))
+
+  def _log_prob_fn(self):
+    if getattr(self, '_log_prob_compiled', None) is None:
+      self._log_prob_compiled = tf.function(lambda x: self(x, training=False))
+    return self._log_prob_compiled
+
+  def _iw_fn(self, num_samples):
+    cache = self.__dict__.setdefault('_iw_compiled', {})
+    if num_samples not in cache:
+      cache[num_samples] = tf.function(lambda x: self.importance_weighted(x, num_samples))
+    return cache[num_samples]
+
+  def importance_weighted(self, images, num_samples):
+    """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
+
+    Chunks of ``iw_chunk_size`` samples are evaluated as one tiled batch, so memory stays that
+    of a batch of B * chunk images for any k (k = 1000 included)."""
+    chunk = min(self.iw_chunk_size, num_samples)
+    num_chunks = -(-num_samples // chunk)
+    batch = tf.shape(images)[0]
+    tiled = tf.tile(images, [chunk, 1, 1, 1])
+    running_max = tf.fill([batch], -np.inf)
+    running_sum = tf.zeros([batch])
+    for i in tf.range(num_chunks):
+      valid = tf.minimum(chunk, num_samples - i * chunk)
+      log_w = tf.reshape(self(tiled, training=False), [chunk, batch])
+      log_w = tf.where(tf.range(chunk)[:, None] < valid, log_w, -np.inf)
+      new_max = tf.maximum(running_max, tf.reduce_max(log_w, axis=0))
+      running_sum = (running_sum * tf.exp(running_max - new_max)
+                     + tf.reduce_sum(tf.exp(log_w - new_max), axis=0))
+      running_max = new_max
+    return running_max + tf.math.log(running_sum) - tf.math.log(tf.cast(num_samples, tf.float32))
+
+  # -- generation and latents -----------------------------------------------------------------
+  def sample(self, n, temperature=1.0, seed=None):
+    """n uint8 images [n, H, W, C] drawn top-down at the given temperature."""
+    if int(n) < 1:
+      raise ValueError(f'n must be >= 1, got {n}.')
+    if float(temperature) < 0:
+      raise ValueError(f'temperature must be >= 0, got {temperature}.')
+    x = self.sample_values(int(n), temperature, seed)
+    return to_images(x)
+
+  def sample_values(self, n, temperature=1.0, seed=None):
+    """Dequantized-scale samples in [0, 256) (float) before quantisation."""
+    x, _ = joint.sample_top_down(self.flow, self.priors, n, temperature, seed)
+    return x
+
+  def encode(self, images):
+    """Latents (top-down list) of uint8 images, dequantized at the bin centres x + 1/2 and with
+    zero augmentation noise, so encoding is deterministic."""
+    values = self.check_images(images) + 0.5
+    noise, _ = self._augmentation_noise(tf.shape(values)[0], zero=True)
+    latents, _, _ = self.flow.encode(values, noise)
+    return latents
+
+  def decode(self, latents):
+    """uint8 images from latents (top-down list); augmentation noise is dropped."""
+    x, _ = self.flow.decode(latents)
+    return to_images(x)
+
+  @property
+  def distribution(self):
+    """tfd.TransformedDistribution over dequantized images x + u in [0, 256)^D (for augmented
+    flows, over the structure [x + u, e_1, ..., e_m]); its base is the joint prior over the
+    latent structure, so its log_prob is exact."""
+    return self.make_distribution()
+
+  def make_distribution(self, temperature=1.0):
+    prior = joint.joint_prior(self.flow, self.priors, temperature)
+    return tfd.TransformedDistribution(prior, tfb.Invert(self.flow), name='flow_distribution')
+
+  # -- Keras training -------------------------------------------------------------------------
+  def compile(self, optimizer, **kwargs):
+    super().compile(optimizer=optimizer, **kwargs)
+    self.bpd_tracker = keras.metrics.Mean(name='bpd')
+    self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
+
+  @property
+  def metrics(self):
+    return [m for m in (getattr(self, 'bpd_tracker', None),
+                        getattr(self, 'grad_norm_tracker', None)) if m is not None]
+
+  def train_step(self, data):
+    images = tf.cast(_images_of(data), tf.float32)
+    with tf.GradientTape() as tape:
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
+      loss = bpd + sum(self.losses) if self.losses else bpd
+    grads = tape.gradient(loss, self.trainable_variables)
+    grad_norm = tf.linalg.global_norm(grads)
+    if self.max_grad_norm:
+      grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
+    # A NaN or Inf loss would poison the weights: skip the update (the trainer reports it).
+    finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
+    grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    self.bpd_tracker.update_state(bpd)
+    self.grad_norm_tracker.update_state(grad_norm)
+    return {'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
+            'loss': loss, 'finite': tf.cast(finite, tf.float32)}
+
+  def test_step(self, data):
+    images = tf.cast(_images_of(data), tf.float32)
+    bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
+    self.bpd_tracker.update_state(bpd)
+    return {'bpd': self.bpd_tracker.result()}
+
+
+def to_images(values):
+  """Dequantized values in [0, 256) -> uint8 images (floor, clipped)."""
+  return tf.cast(tf.clip_by_value(tf.floor(values), 0., 255.), tf.uint8)
+
+
+def _images_of(data):
+  return data[0] if isinstance(data, (tuple, list)) else data
+
+
+def _as_checked_array(images, image_shape):
+  """Eager checks with messages that name the problem; returns a uint8 numpy array."""
+  array = np.asarray(images)
+  if array.ndim != 4:
+    raise ValueError(f'Expected a batch of images of rank 4 [batch, H, W, C], got rank '
+                     f'{array.ndim} with shape {array.shape}.')
+  if tuple(array.shape[1:]) != tuple(image_shape):
+    raise ValueError(f'Expected images of shape [batch, {", ".join(map(str, image_shape))}], got '
+                     f'{list(array.shape)}.')
+  if array.dtype == np.uint8:
+    return array
+  if not np.issubdtype(array.dtype, np.integer):
+    raise ValueError(f'Expected uint8 images (integers in [0, 255]), got dtype {array.dtype}; '
+                     'convert floats with np.round(x).astype(np.uint8) if they are pixel values.')
+  if array.size and (array.min() < 0 or array.max() > 255):
+    raise ValueError(f'Image values must lie in [0, 255], got range [{array.min()}, '
+                     f'{array.max()}].')
+  return array.astype(np.uint8)

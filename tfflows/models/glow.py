@@ -1,0 +1,65 @@
+"""Glow (Kingma & Dhariwal 2018).
+
+    x -> ToUnitInterval -> [ squeeze -> K x step -> split ]  x L levels (no split at the last)
+    step = ActNorm -> invertible 1x1 conv (LU) -> affine coupling, scale = sigmoid(h + 2)
+
+The split keeps the first half of the channels; the factored half has Glow's learned prior
+N(mu(r), sigma(r)) from a zero-initialised conv over the kept half r. The top latent has a
+learned per-channel Gaussian. Paper size for CIFAR-10: L = 3, K = 32, width 512.
+"""
+
+import bijectors as fb
+from bijectors import multiscale
+from tfflows.distributions import dequantization, priors
+from tfflows.models.flow_model import FlowModel
+from tfflows.nn.glow_net import GlowConditioner
+
+
+def flow_step(channels, width, scale_fn='sigmoid', conv1x1='lu', conditioner=None, name='step'):
+  """ActNorm -> 1x1 conv -> affine coupling (channel mask)."""
+  out = fb.AffineCoupling.conditioner_channels(channels, 'channel')
+  conditioner = conditioner or GlowConditioner(width, out, name=f'{name}_net')
+  return [fb.ActNorm(channels, name=f'{name}_actnorm'),
+          fb.InvertibleConv1x1(channels, parameterization=conv1x1, name=f'{name}_conv1x1'),
+          fb.AffineCoupling(conditioner, channels, mask='channel', scale_fn=scale_fn,
+                            name=f'{name}_coupling')]
+
+
+def build_levels(config, step_fn=None):
+  """Levels of squeeze + K steps (+ split), and the latent priors (top-down)."""
+  step_fn = step_fn or (lambda c, name: flow_step(c, config.width, config.scale_fn,
+                                                  config.conv1x1, name=name))
+  h, w, c = config.image_shape
+  levels = []
+  for i in range(config.num_levels):
+    if h % 2 or w % 2:
+      raise ValueError(f'{config.num_levels} levels need H and W divisible by '
+                       f'{2 ** config.num_levels}; image_shape is {config.image_shape}.')
+    h, w, c = h // 2, w // 2, c * 4
+    bijs = [fb.ToUnitInterval()] if i == 0 else []
+    bijs.append(fb.Squeeze())
+    for k in range(config.steps_per_level):
+      bijs.extend(step_fn(c, f'level{i}_step{k}'))
+    last = i == config.num_levels - 1
+    keep = None if last else c // 2
+    levels.append(multiscale.Level(fb.Chain(bijs, name=f'level{i}'), keep_channels=keep))
+    if not last:
+      c = keep
+  return levels
+
+
+def split_priors(flow, config):
+  """Learned top prior, then Glow's split priors (or N(0, I)), top-down."""
+  latent_shapes = flow.latent_shapes
+  result = [priors.DiagonalGaussianPrior(latent_shapes[0], name='prior_top')]
+  for k, shape in enumerate(latent_shapes[1:], start=1):
+    if config.split_prior == 'learned':
+      result.append(priors.GlowSplitPrior(shape, name=f'prior_split{k}'))
+    else:
+      result.append(priors.StandardNormalPrior(shape, name=f'prior_split{k}'))
+  return result
+
+
+def build(config):
+  flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
+  return FlowModel(config, flow, split_priors(flow, config), dequantization.UniformDequantizer())

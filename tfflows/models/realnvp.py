@@ -1,0 +1,61 @@
+"""RealNVP (Dinh et al. 2017), as configured by LCMA (Das et al., appendix A).
+
+    x -> ToUnitInterval -> logit(a + (1 - 2a) x), a = 0.05
+    scale s < S:  3 affine couplings, checkerboard masks (alternating)
+                  squeeze
+                  3 affine couplings, channel masks (alternating)
+                  [fixed permutation of the level's dimensions: LCMA / random splits]
+                  factor out half of the channels
+    last scale:   4 affine couplings, checkerboard masks
+
+Couplings use log-scale = s_c * tanh(h) and residual conditioners (batch norm, weight norm)
+with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
+"""
+
+import bijectors as fb
+from bijectors import multiscale
+from tfflows.distributions import dequantization, priors
+from tfflows.models.flow_model import FlowModel
+from tfflows.nn.resnet import ResNetConditioner
+
+
+def coupling(channels, mask, parity, width, config, name):
+  out = fb.AffineCoupling.conditioner_channels(channels, mask)
+  net = ResNetConditioner(width, config.res_blocks, out, name=f'{name}_net')
+  return fb.AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn='tanh', name=name)
+
+
+def build_levels(config, split_permutation=None):
+  """split_permutation(level_index, shape) -> a bijector applied before the split, or None."""
+  h, w, c = config.image_shape
+  levels = []
+  for s in range(config.num_scales):
+    width = config.base_width * 2 ** s
+    bijs = [fb.ToUnitInterval(), fb.Logit(config.logit_alpha)] if s == 0 else []
+    last = s == config.num_scales - 1
+    for k in range(4 if last else 3):
+      bijs.append(coupling(c, 'checkerboard', k % 2, width, config, f'scale{s}_checker{k}'))
+    if last:
+      levels.append(multiscale.Level(fb.Chain(bijs, name=f'scale{s}')))
+      break
+    if h % 2 or w % 2:
+      raise ValueError(f'{config.num_scales} scales need H and W divisible by '
+                       f'{2 ** (config.num_scales - 1)}; image_shape is {config.image_shape}.')
+    bijs.append(fb.Squeeze())
+    h, w, c = h // 2, w // 2, 4 * c
+    for k in range(3):
+      bijs.append(coupling(c, 'channel', k % 2, width, config, f'scale{s}_channel{k}'))
+    if split_permutation is not None:
+      permutation = split_permutation(s, (h, w, c))
+      if permutation is not None:
+        bijs.append(permutation)
+    levels.append(multiscale.Level(fb.Chain(bijs, name=f'scale{s}'), keep_channels=c // 2))
+    c = c // 2
+  return levels
+
+
+def build(config, split_permutation=None):
+  flow = multiscale.MultiScaleFlow(build_levels(config, split_permutation), config.image_shape)
+  latent_priors = [priors.StandardNormalPrior(s, name=f'prior{k}')
+                   for k, s in enumerate(flow.latent_shapes)]
+  return FlowModel(config, flow, latent_priors, dequantization.UniformDequantizer())

@@ -1,0 +1,154 @@
+"""Nystrom self-attention over pixel positions (Xiong et al. 2021, "Nystromformer").
+
+Tokens are the N = H * W pixel positions and features the channels: an input x [B, H, W, C]
+is read as a sequence [B, N, C]. Per head (d = embed_dim / num_heads features each):
+
+    Q = x W_q,  K = x W_k,  V = x W_v                     (dense layers with bias, C -> embed_dim)
+
+Exact softmax attention (``exact=True``, and ``exact_softmax_attention``):
+
+    O = softmax(Q K^T / sqrt(d)) V                         softmax over the key axis
+
+Nystrom approximation with m landmarks (``exact=False``, the default): the landmarks are the
+means of m contiguous segments of the token sequence (row-major pixel order),
+
+    Q~_j = mean(Q[j*N/m : (j+1)*N/m]),   K~_j likewise                       [m, d]
+    F = softmax(Q K~^T / sqrt(d))   [N, m]
+    A = softmax(Q~ K~^T / sqrt(d))  [m, m]
+    B = softmax(Q~ K^T / sqrt(d))   [m, N]
+    O = F pinv(A) (B V)
+
+where pinv is the iterative Moore-Penrose pseudo-inverse of the Nystromformer paper,
+
+    Z_0     = A^T / (||A||_1 ||A||_inf)           (max column sum times max row sum of |A|)
+    Z_{j+1} = 1/4 Z_j (13 I - A Z_j (15 I - A Z_j (7 I - A Z_j)))
+
+run for ``pinv_iterations`` steps (the norms are taken per matrix, i.e. per example and head).
+When m == N the landmarks are the tokens themselves, F = A = B, and O = A pinv(A) A V = A V:
+the exact attention (up to the convergence of the pseudo-inverse).
+
+The heads are concatenated and projected back with a dense layer to the input channel count
+(or ``output_channels``):  y = concat_h(O_h) W_o + b_o, reshaped to [B, H, W, C_out].
+
+Divisibility: N must be a multiple of num_landmarks; otherwise ``build`` raises a ValueError
+(no padding: DenseFlow's grids 16x16, 8x8, 4x4 with 4 landmarks always divide). The depthwise
+convolution skip on V of the reference Nystromformer is not included.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def exact_softmax_attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v for q [..., N, d], k [..., M, d], v [..., M, d_v]."""
+  scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * scale, axis=-1)
+  return tf.matmul(weights, v)
+
+
+def segment_means(x, num_segments):
+  """Means of ``num_segments`` contiguous segments along axis -2: [B, ..., N, d] ->
+  [B, ..., num_segments, d]. N must be static and divisible by num_segments."""
+  n, d = x.shape[-2], x.shape[-1]
+  if n % num_segments:
+    raise ValueError(f'sequence length {n} is not divisible by {num_segments} segments.')
+  lead = [int(s) for s in x.shape[1:-2]]
+  x = tf.reshape(x, [-1] + lead + [num_segments, n // num_segments, d])
+  return tf.reduce_mean(x, axis=-2)
+
+
+def iterative_pinv(a, iterations):
+  """Approximate Moore-Penrose pseudo-inverse of square matrices a [..., m, m] by the
+  Nystromformer iteration Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z))) from
+  Z_0 = A^T / (max column sum * max row sum of |A|), computed per matrix."""
+  m = a.shape[-1]
+  abs_a = tf.abs(a)
+  max_col_sum = tf.reduce_max(tf.reduce_sum(abs_a, axis=-2), axis=-1)
+  max_row_sum = tf.reduce_max(tf.reduce_sum(abs_a, axis=-1), axis=-1)
+  z = tf.linalg.matrix_transpose(a) / (max_col_sum * max_row_sum)[..., None, None]
+  eye = tf.eye(m, dtype=a.dtype)
+  for _ in range(iterations):
+    az = tf.matmul(a, z)
+    z = 0.25 * tf.matmul(z, 13. * eye - tf.matmul(az, 15. * eye - tf.matmul(az, 7. * eye - az)))
+  return z
+
+
+def nystrom_attention(q, k, v, num_landmarks, pinv_iterations):
+  """Nystrom approximation of softmax(q k^T / sqrt(d)) v (see the module docstring);
+  q, k [B, ..., N, d], v [B, ..., N, d_v] with static N divisible by num_landmarks."""
+  scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  q_land = segment_means(q, num_landmarks)
+  k_land = segment_means(k, num_landmarks)
+  f = tf.nn.softmax(tf.matmul(q, k_land, transpose_b=True) * scale, axis=-1)        # [N, m]
+  a = tf.nn.softmax(tf.matmul(q_land, k_land, transpose_b=True) * scale, axis=-1)   # [m, m]
+  b = tf.nn.softmax(tf.matmul(q_land, k, transpose_b=True) * scale, axis=-1)        # [m, N]
+  return tf.matmul(f, tf.matmul(iterative_pinv(a, pinv_iterations), tf.matmul(b, v)))
+
+
+class NystromAttention(keras.layers.Layer):
+  """Multi-head self-attention over the H*W pixels of [B, H, W, C], Nystrom-approximated
+  (or exact with ``exact=True``), projected back to C (or ``output_channels``) channels."""
+
+  def __init__(self, embed_dim, num_landmarks=4, pinv_iterations=6, num_heads=1, exact=False,
+               output_channels=None, **kwargs):
+    super().__init__(**kwargs)
+    self.embed_dim = int(embed_dim)
+    self.num_landmarks = int(num_landmarks)
+    self.pinv_iterations = int(pinv_iterations)
+    self.num_heads = int(num_heads)
+    self.exact = bool(exact)
+    self.output_channels = None if output_channels is None else int(output_channels)
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f'embed_dim={self.embed_dim} is not divisible by '
+                       f'num_heads={self.num_heads}.')
+    self.query = keras.layers.Dense(self.embed_dim, name='query')
+    self.key = keras.layers.Dense(self.embed_dim, name='key')
+    self.value = keras.layers.Dense(self.embed_dim, name='value')
+    self.out = None
+
+  def build(self, input_shape):
+    if len(input_shape) != 4 or any(s is None for s in input_shape[1:]):
+      raise ValueError(f'{self.name}: expected an input [B, H, W, C] with static H, W, C, '
+                       f'got shape {input_shape}.')
+    _, h, w, c = input_shape
+    tokens = h * w
+    if not self.exact and tokens % self.num_landmarks:
+      raise ValueError(f'{self.name}: H*W = {h}*{w} = {tokens} pixels is not divisible by '
+                       f'num_landmarks={self.num_landmarks}; choose a divisor of {tokens}.')
+    out_channels = self.output_channels or c
+    self.out = keras.layers.Dense(out_channels, name='out')
+    for layer in (self.query, self.key, self.value):
+      layer.build((None, tokens, c))
+    self.out.build((None, tokens, self.embed_dim))
+
+  def _heads(self, t, tokens):
+    """[B, N, E] -> [B, heads, N, E / heads]."""
+    t = tf.reshape(t, [-1, tokens, self.num_heads, self.embed_dim // self.num_heads])
+    return tf.transpose(t, [0, 2, 1, 3])
+
+  def call(self, x):
+    _, h, w, c = x.shape
+    tokens = h * w
+    seq = tf.reshape(x, [-1, tokens, c])
+    q = self._heads(self.query(seq), tokens)
+    k = self._heads(self.key(seq), tokens)
+    v = self._heads(self.value(seq), tokens)
+    if self.exact:
+      o = exact_softmax_attention(q, k, v)
+    else:
+      o = nystrom_attention(q, k, v, self.num_landmarks, self.pinv_iterations)
+    o = tf.reshape(tf.transpose(o, [0, 2, 1, 3]), [-1, tokens, self.embed_dim])
+    y = self.out(o)
+    return tf.reshape(y, [-1, h, w, y.shape[-1]])
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape[:-1]) + (self.output_channels or input_shape[-1],)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(embed_dim=self.embed_dim, num_landmarks=self.num_landmarks,
+                  pinv_iterations=self.pinv_iterations, num_heads=self.num_heads,
+                  exact=self.exact, output_channels=self.output_channels)
+    return config
