@@ -130,6 +130,10 @@ def test_squeeze_any_batch_rank():
   assert y.shape == [2, 3, 2, 2, 4]
   np.testing.assert_array_equal(y[1, 2], bijectors.squeeze(x[1])[2])
   np.testing.assert_array_equal(bijectors.unsqueeze(y), x)
+  np.testing.assert_array_equal(bijectors.squeeze(x[1, 2]), y[1, 2])    # unbatched event
+  flat = flat_permutation([4, 4, 1], [2, 2, 4])
+  np.testing.assert_array_equal(flat.forward(x)[0, 1], flat.forward(x[0, 1]))
+  np.testing.assert_array_equal(flat.inverse(flat.forward(x)), x)
 
 
 @pytest.mark.parametrize('shape', [[1, 3, 4, 2], [1, 4, 5, 2]])

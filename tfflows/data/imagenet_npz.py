@@ -178,6 +178,6 @@ def load_imagenet_npz(split, resolution, data_dir, *, shuffle_files=False, seed=
   ds = tf.data.Dataset.from_tensor_slices(files)
   if shuffle_files and len(files) > 1:
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.interleave(one_file, cycle_length=2 if shuffle_files else 1, block_length=1,
-                     deterministic=True)
+  # Sequential interleave (no num_parallel_calls): the chunk order is deterministic.
+  ds = ds.interleave(one_file, cycle_length=2 if shuffle_files else 1, block_length=1)
   return ds.unbatch()

@@ -65,15 +65,15 @@ SOURCES = {
 
 def prepare_command(tfds_name, data_dir):
   """Shell command that prepares `tfds_name` in `data_dir` (on a machine with network)."""
-  target = f' --data_dir {data_dir}' if data_dir else ''
-  cmd = f'`tfds build {tfds_name}{target}`'
+  target = data_dir or 'DATA_DIR'
+  cmd = (f'`tfds build {tfds_name} --data_dir {target}` on a machine with network (or '
+         f'tfds.load({tfds_name!r}, data_dir={target!r}, download=True) in Python), then copy '
+         f'{target} here')
   if tfds_name == 'celeb_a':
-    cmd += (' (CelebA comes from Google Drive, which often rate-limits: if it fails, fetch '
-            'the files by hand and use --manual_dir)')
+    cmd += '; CelebA downloads from Google Drive, which often rate-limits, so retry later'
   if tfds_name.startswith('imagenet_resized'):
-    cmd += ' (or use the image-net.org npz batches directly: see tfflows.data.imagenet_npz)'
-  return (f'{cmd}, or tfds.load({tfds_name!r}, data_dir={data_dir!r}, download=True) '
-          f'in Python, then copy data_dir here')
+    cmd += '; or use the image-net.org npz batches directly (see tfflows.data.imagenet_npz)'
+  return cmd
 
 
 def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False, seed=0):

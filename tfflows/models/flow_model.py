@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfflows.distributions import joint
+from tfflows.nn.resnet import weight_norm_scales
 
 tfd = tfp.distributions
 tfb = tfp.bijectors
@@ -40,7 +41,7 @@ class FlowModel(keras.Model):
   """
 
   def __init__(self, config, flow, priors, dequantizer, iw_chunk_size=16, max_grad_norm=0.,
-               **kwargs):
+               scale_l2=0., **kwargs):
     super().__init__(name=config.model, **kwargs)
     self.config = config
     self.flow = flow
@@ -49,7 +50,8 @@ class FlowModel(keras.Model):
     self.flow_layers = flow.layers
     self.seed_generator = keras.random.SeedGenerator(0)
     self.iw_chunk_size = iw_chunk_size
-    self.max_grad_norm = max_grad_norm
+    self.max_grad_norm = max_grad_norm  # global-norm gradient clipping in train_step (0: off)
+    self.scale_l2 = scale_l2  # L2 on weight-norm scales g (RealNVP / LCMA: 5e-5; 0: off)
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
     self._build_weights()
@@ -200,7 +202,7 @@ class FlowModel(keras.Model):
     images = tf.cast(_images_of(data), tf.float32)
     with tf.GradientTape() as tape:
       bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
-      loss = bpd + sum(self.losses) if self.losses else bpd
+      loss = bpd + self.regularization()
     grads = tape.gradient(loss, self.trainable_variables)
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
@@ -213,6 +215,13 @@ class FlowModel(keras.Model):
     self.grad_norm_tracker.update_state(grad_norm)
     return {'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
             'loss': loss, 'finite': tf.cast(finite, tf.float32)}
+
+  def regularization(self):
+    """scale_l2 * sum ||g||^2 over the weight-norm scales (zero when scale_l2 is 0)."""
+    if not self.scale_l2:
+      return 0.
+    scales = weight_norm_scales(self)
+    return self.scale_l2 * tf.add_n([tf.reduce_sum(tf.square(g)) for g in scales]) if scales else 0.
 
   def test_step(self, data):
     images = tf.cast(_images_of(data), tf.float32)

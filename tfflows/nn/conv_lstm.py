@@ -36,6 +36,10 @@ class ConvLSTMCell(keras.layers.Layer):
     self.kernel_size = kernel_size
     self.dilation = dilation
 
+  def get_config(self):
+    return {**super().get_config(), 'hidden': self.hidden, 'kernel_size': self.kernel_size,
+            'dilation': self.dilation}
+
   def build(self, input_shape):
     k, h = self.kernel_size, self.hidden
     self.input_kernel = self.add_weight(shape=(k, k, input_shape[-1], 4 * h),
@@ -74,8 +78,14 @@ class ConvLSTMStack(keras.layers.Layer):
     super().__init__(**kwargs)
     self.hidden = hidden
     self.num_layers = num_layers
+    self.kernel_size = kernel_size
+    self.dilation = dilation
     self.cells = [ConvLSTMCell(hidden, kernel_size, dilation, name=f'cell_{i}')
                   for i in range(num_layers)]
+
+  def get_config(self):
+    return {**super().get_config(), 'hidden': self.hidden, 'num_layers': self.num_layers,
+            'kernel_size': self.kernel_size, 'dilation': self.dilation}
 
   def build(self, input_shape):
     """input_shape: [B, T, H, W, Cin] (a sequence) or [B, H, W, Cin] (one step)."""

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class DenseBlock(keras.layers.Layer):
   """num_layers x [conv1x1 c->c, ReLU, conv3x3 c->growth, ReLU], each output concatenated."""
 
@@ -60,6 +61,7 @@ class DenseBlock(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class GatedConv1x1(keras.layers.Layer):
   """y = a + b * sigmoid(c) with [a, b, c] = conv1x1(x) -> 3 * filters."""
 

@@ -24,6 +24,7 @@ from tfflows.nn.nystrom import NystromAttention
 from tfflows.nn.zero_conv import zero_conv1x1
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class DenseFlowConditioner(keras.layers.Layer):
   """conv1x1 -> [DenseBlock -> GatedConv1x1 | NystromAttention] -> concat -> BN -> ReLU
   -> conv1x1 -> zero-initialised conv1x1(out_channels)."""

@@ -34,6 +34,7 @@ def concat_elu(x):
   return tf.nn.elu(tf.concat([x, -x], axis=-1))
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class GatedResidualConv(keras.layers.Layer):
   """LayerNorm(h + a * sigmoid(b)), [a, b] = conv3x3(dropout(concat_elu(conv3x3(concat_elu(h)))))."""
 
@@ -64,6 +65,7 @@ class GatedResidualConv(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class GatedSelfAttention(keras.layers.Layer):
   """LayerNorm(h + dropout(a * sigmoid(b))), [a, b] = MultiHeadAttention(h, h) -> 2 * width,
   attention over the H*W pixel positions of h [B, H, W, width]."""
@@ -102,6 +104,7 @@ class GatedSelfAttention(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class GatedResidualAttentionNet(keras.layers.Layer):
   """conv3x3 -> num_blocks x [GatedResidualConv, GatedSelfAttention] -> zero-init conv3x3."""
 

@@ -16,6 +16,7 @@ import keras
 from tfflows.nn.zero_conv import ZeroConv2D
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class GlowConditioner(keras.layers.Layer):
   """conv3x3(width) -> ReLU -> conv1x1(width) -> ReLU -> ZeroConv2D(out_channels, 3x3)."""
 

@@ -87,6 +87,7 @@ def nystrom_attention(q, k, v, num_landmarks, pinv_iterations):
   return tf.matmul(f, tf.matmul(iterative_pinv(a, pinv_iterations), tf.matmul(b, v)))
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class NystromAttention(keras.layers.Layer):
   """Multi-head self-attention over the H*W pixels of [B, H, W, C], Nystrom-approximated
   (or exact with ``exact=True``), projected back to C (or ``output_channels``) channels."""

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class WeightNormConv2D(keras.layers.Layer):
   """y = conv(x; g * V / ||V||) + b, 'same' padding, stride 1; weights V, g, b."""
 
@@ -112,6 +113,7 @@ def weight_norm_scales(layer_or_model):
   return scales
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class _ResidualBlock(keras.layers.Layer):
   """h + WNConv3x3(ReLU(BN(WNConv3x3(ReLU(BN(h)))))), channels unchanged."""
 
@@ -141,6 +143,7 @@ class _ResidualBlock(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class ResNetConditioner(keras.layers.Layer):
   """WNConv3x3 -> num_blocks residual blocks -> BN -> ReLU -> zero-init WNConv3x3."""
 

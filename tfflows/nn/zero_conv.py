@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class ZeroConv2D(keras.layers.Layer):
   """y = (conv(x; W) + b) * exp(log_scale_factor * logs); W, b, logs start at zero."""
 
