@@ -127,3 +127,12 @@ def test_bad_images_are_refused(bad, message):
 def test_unknown_model_lists_known_ones():
   with pytest.raises(ValueError, match='known models: glow, realnvp'):
     tfflows.build_model(tfflows.FlowConfig(model='pixelcnn'))
+
+
+def test_seeded_log_prob_is_deterministic(tiny):
+  images = _images()
+  a = tiny.log_prob(images, seed=5).numpy()
+  np.testing.assert_array_equal(a, tiny.log_prob(images, seed=5).numpy())
+  assert not np.array_equal(a, tiny.log_prob(images, seed=6).numpy())
+  np.testing.assert_array_equal(tiny.log_prob(images, num_samples=3, seed=2),
+                                tiny.log_prob(images, num_samples=3, seed=2))

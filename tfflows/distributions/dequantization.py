@@ -11,16 +11,19 @@ Uniform dequantization has q = U(0, 1)^D, so log q = 0. Every flow in tfflows st
 """
 
 import keras
+
+from tfflows import random
 import tensorflow as tf
 
 
 class UniformDequantizer(keras.layers.Layer):
   """q(u | x) = U(0, 1)^D."""
 
-  def call(self, images, seed_generator=None, midpoint=False):
-    """images: float [B, H, W, C] in {0..255}. Returns (v = x + u, log q(u | x) = 0 [B])."""
+  def call(self, images, seed=None, midpoint=False):
+    """images: float [B, H, W, C] in {0..255}; seed: a keras.random.SeedGenerator or a stateless
+    [2] int tensor. Returns (v = x + u, log q(u | x) = 0 [B])."""
     if midpoint:
       u = 0.5 * tf.ones_like(images)
     else:
-      u = keras.random.uniform(tf.shape(images), dtype=images.dtype, seed=seed_generator)
+      u = random.uniform(tf.shape(images), seed, images.dtype)
     return images + u, tf.zeros(tf.shape(images)[:1], images.dtype)

@@ -129,8 +129,8 @@ class MARPrior(keras.layers.Layer):
     """Draws l [B, H, W, Cl] channel by channel (Cl sequential steps).
 
     B is the batch of `context`, or `batch_size` when unconditional. seed: None (a random
-    draw), a python int (reproducible: the same int gives the same draw) or a stateless seed
-    (an int32 pair, as TFP passes it).
+    draw), an int n (reproducible: the stateless seed (0, n)) or a stateless [2] int seed
+    (as TFP passes it).
     """
     embedded = self._embed(context)
     batch = self._batch(embedded, batch_size)
@@ -185,10 +185,13 @@ class MARPrior(keras.layers.Layer):
 
 
 def _stateless_seed(seed):
-  """A stateless [2] seed; a python int maps to the fixed pair (0, seed)."""
-  if isinstance(seed, int):
-    seed = [0, seed]
-  return tfp.random.sanitize_seed(seed)
+  """A stateless [2] int32 seed; an int (python or scalar tensor) n maps to the pair (0, n)."""
+  if seed is None:
+    return tfp.random.sanitize_seed(None)
+  seed = tf.convert_to_tensor(seed)
+  if seed.shape.rank == 0:
+    seed = tf.stack([tf.zeros([], seed.dtype), seed])
+  return tf.cast(seed, tf.int32)
 
 
 def normal_log_prob(x, mu, log_sigma, temperature=1.):

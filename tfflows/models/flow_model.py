@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfflows import random
 from tfflows.distributions import joint
 from tfflows.nn.resnet import weight_norm_scales
 
@@ -61,8 +62,7 @@ class FlowModel(keras.Model):
     """Creates every weight by one generative pass (which leaves ActNorm uninitialised, so the
     first training batch still initialises it) and one dequantizer pass."""
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
-    self.dequantizer(tf.zeros((1,) + self.image_shape), seed_generator=self.seed_generator,
-                     midpoint=True)
+    self.dequantizer(tf.zeros((1,) + self.image_shape), midpoint=True)
     self.built = True
 
   # -- input checks ---------------------------------------------------------------------------
@@ -79,55 +79,64 @@ class FlowModel(keras.Model):
     return tf.cast(images, tf.float32)
 
   # -- the likelihood -------------------------------------------------------------------------
-  def call(self, images, training=None):
+  def call(self, images, training=None, seed=None):
     """One-sample log-weight log w (nats, [B]) of float images in {0..255}."""
-    return self.log_weight(images, training=training)
+    return self.log_weight(images, training=training, seed=seed)
 
-  def log_weight(self, images, training=None, midpoint=False):
-    values, log_q = self.dequantizer(images, seed_generator=self.seed_generator,
-                                     midpoint=midpoint)
-    noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint)
+  def log_weight(self, images, training=None, midpoint=False, seed=None):
+    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator) or a
+    stateless [2] int seed, which makes the result deterministic."""
+    seeds = _split_seeds(seed, 1 + len(self.flow.noise_shapes), self.seed_generator)
+    values, log_q = self.dequantizer(images, seed=seeds[0], midpoint=midpoint)
+    noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint,
+                                                  seeds=seeds[1:])
     latents, contexts, log_det = self.flow.encode(values, noise)
     log_p = joint.prior_log_prob(self.priors, latents, contexts)
     return log_p + log_det - log_q - log_p_noise
 
-  def _augmentation_noise(self, batch, zero=False):
+  def _augmentation_noise(self, batch, zero=False, seeds=None):
     noise, log_p = [], 0.
-    for shape in self.flow.noise_shapes:
+    seeds = seeds or [self.seed_generator] * len(self.flow.noise_shapes)
+    for shape, seed in zip(self.flow.noise_shapes, seeds):
       full = tf.concat([[batch], shape], axis=0)
-      e = (tf.zeros(full) if zero else keras.random.normal(full, seed=self.seed_generator))
+      e = tf.zeros(full) if zero else random.normal(full, seed)
       noise.append(e)
       log_p = log_p + tf.reduce_sum(tfd.Normal(0., 1.).log_prob(e), axis=[1, 2, 3])
     return noise, log_p
 
-  def log_prob(self, images, num_samples=1):
-    """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate."""
-    images = self.check_images(images)
-    if num_samples < 1:
-      raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
-    if num_samples == 1:
-      return self._log_prob_fn()(images)
-    return self._iw_fn(int(num_samples))(images)
+  def log_prob(self, images, num_samples=1, seed=None):
+    """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate.
 
-  def bits_per_dim(self, images, num_samples=1):
+    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic."""
+    images = self.check_images(images)
+    if int(num_samples) < 1:
+      raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+    seed = None if seed is None else joint.stateless_seed(seed)
+    return self._log_prob_fn(int(num_samples), seed is not None)(images, seed)
+
+  def bits_per_dim(self, images, num_samples=1, seed=None):
     """-log P(images) / (D ln 2), [B]."""
-    return self.to_bits_per_dim(self.log_prob(images, num_samples))
+    return self.to_bits_per_dim(self.log_prob(images, num_samples, seed))
 
   def to_bits_per_dim(self, log_prob):
     return -log_prob / (self.num_dims * math.log(2.))
 
-  def _log_prob_fn(self):
-    if getattr(self, '_log_prob_compiled', None) is None:
-      self._log_prob_compiled = tf.function(lambda x: self(x, training=False))
-    return self._log_prob_compiled
+  def _log_prob_fn(self, num_samples, seeded):
+    """A tf.function per (k, seeded) so that repeated evaluation does not retrace."""
+    cache = self.__dict__.setdefault('_log_prob_compiled', {})
+    key = (num_samples, seeded)
+    if key not in cache:
+      cache[key] = tf.function(
+          lambda x, seed: self.estimate_log_prob(x, num_samples, seed if seeded else None))
+    return cache[key]
 
-  def _iw_fn(self, num_samples):
-    cache = self.__dict__.setdefault('_iw_compiled', {})
-    if num_samples not in cache:
-      cache[num_samples] = tf.function(lambda x: self.importance_weighted(x, num_samples))
-    return cache[num_samples]
+  def estimate_log_prob(self, images, num_samples=1, seed=None):
+    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1)."""
+    if num_samples == 1:
+      return self(images, training=False, seed=seed)
+    return self.importance_weighted(images, num_samples, seed)
 
-  def importance_weighted(self, images, num_samples):
+  def importance_weighted(self, images, num_samples, seed=None):
     """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
 
     Chunks of ``iw_chunk_size`` samples are evaluated as one tiled batch, so memory stays that
@@ -140,7 +149,8 @@ class FlowModel(keras.Model):
     running_sum = tf.zeros([batch])
     for i in tf.range(num_chunks):
       valid = tf.minimum(chunk, num_samples - i * chunk)
-      log_w = tf.reshape(self(tiled, training=False), [chunk, batch])
+      chunk_seed = None if seed is None else seed + tf.stack([i + 1, 0])
+      log_w = tf.reshape(self(tiled, training=False, seed=chunk_seed), [chunk, batch])
       log_w = tf.where(tf.range(chunk)[:, None] < valid, log_w, -np.inf)
       new_max = tf.maximum(running_max, tf.reduce_max(log_w, axis=0))
       running_sum = (running_sum * tf.exp(running_max - new_max)
@@ -228,6 +238,14 @@ class FlowModel(keras.Model):
     bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
     self.bpd_tracker.update_state(bpd)
     return {'bpd': self.bpd_tracker.result()}
+
+
+def _split_seeds(seed, num, seed_generator):
+  """num stateless seeds derived from one [2] seed, or the SeedGenerator num times."""
+  if seed is None:
+    return [seed_generator] * num
+  seed = tf.cast(seed, tf.int32)
+  return [seed + tf.constant([0, 7919 * i], tf.int32) for i in range(num)]
 
 
 def to_images(values):

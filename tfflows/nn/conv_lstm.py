@@ -46,9 +46,7 @@ class ConvLSTMCell(keras.layers.Layer):
                                         initializer='glorot_uniform', name='input_kernel')
     self.recurrent_kernel = self.add_weight(shape=(k, k, h, 4 * h),
                                             initializer='orthogonal', name='recurrent_kernel')
-    forget_one = tf.concat([tf.zeros([h]), tf.ones([h]), tf.zeros([2 * h])], 0)
-    self.bias = self.add_weight(shape=(4 * h,), name='bias',
-                                initializer=lambda shape, dtype: tf.cast(forget_one, dtype))
+    self.bias = self.add_weight(shape=(4 * h,), initializer=_unit_forget_bias, name='bias')
 
   def _conv(self, x, kernel):
     return tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=1, padding='SAME',
@@ -69,6 +67,12 @@ class ConvLSTMCell(keras.layers.Layer):
 
   def call(self, x, state):
     return self.recur(self.input_gates(x), state)
+
+
+def _unit_forget_bias(shape, dtype=None):
+  """Bias initialiser for the gates [i, f, g, o]: 1 for the forget gate, 0 elsewhere."""
+  h = shape[0] // 4
+  return tf.concat([tf.zeros([h], dtype), tf.ones([h], dtype), tf.zeros([2 * h], dtype)], 0)
 
 
 class ConvLSTMStack(keras.layers.Layer):
