@@ -126,8 +126,17 @@ class FlowModel(keras.Model):
     cache = self.__dict__.setdefault('_log_prob_compiled', {})
     key = (num_samples, seeded)
     if key not in cache:
-      cache[key] = tf.function(
-          lambda x, seed: self.estimate_log_prob(x, num_samples, seed if seeded else None))
+      # One trace with an unknown batch size (tfflows.export serves the same graph): with a
+      # static batch, Grappler's arithmetic optimizer regroups the sums of log-terms into AddN,
+      # which changes the result by an ulp, so the served log_prob would differ from this one.
+      images_spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
+      if seeded:
+        fn = tf.function(lambda x, seed: self.estimate_log_prob(x, num_samples, seed),
+                         input_signature=[images_spec, tf.TensorSpec([2], tf.int32)])
+      else:
+        fn = tf.function(lambda x: self.estimate_log_prob(x, num_samples),
+                         input_signature=[images_spec])
+      cache[key] = lambda x, seed: fn(x, seed) if seeded else fn(x)
     return cache[key]
 
   def estimate_log_prob(self, images, num_samples=1, seed=None):

@@ -1,0 +1,184 @@
+"""SavedModel export: the served numbers equal the model's, bit for bit, and bad input is refused."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfflows
+from tfflows import export
+
+TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=2, width=8)
+
+
+def _images(n, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, size=(n, 8, 8, 1)).astype(np.uint8)
+
+
+def _trained_glow():
+  """A tiny Glow after one SGD step: ActNorm initialised, zero-initialised layers non-zero."""
+  import keras  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(7)
+  model = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
+  model.compile(keras.optimizers.SGD(1e-2))
+  model.fit(_images(8, seed=1), epochs=1, batch_size=8, verbose=0)
+  return model
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  model = _trained_glow()
+  export_dir = export.export_saved_model(model, tmp_path_factory.mktemp('export') / '1')
+  loaded, config = export.load_exported(export_dir)
+  return model, export_dir, loaded, config
+
+
+def _saved_model_cli():
+  """saved_model_cli ships with tensorflow, next to the interpreter of this venv."""
+  path = os.path.join(os.path.dirname(sys.executable), 'saved_model_cli')
+  path = path if os.path.exists(path) else shutil.which('saved_model_cli')
+  if not path:
+    pytest.skip('saved_model_cli not found next to the Python interpreter or on PATH')
+  return path
+
+
+def _run_cli(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  result = subprocess.run([_saved_model_cli(), *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.mark.parametrize('batch', [1, 5])
+def test_serving_default_equals_log_prob_exactly(exported, batch):
+  model, _, loaded, _ = exported
+  images = _images(batch, seed=batch)
+  served = loaded.signatures['serving_default'](images=tf.constant(images))
+  assert set(served) == {'log_prob', 'bits_per_dim'}
+  assert served['log_prob'].shape == (batch,) and served['log_prob'].dtype == tf.float32
+  np.testing.assert_array_equal(served['log_prob'].numpy(), model.log_prob(images, seed=0).numpy())
+  np.testing.assert_array_equal(served['bits_per_dim'].numpy(),
+                                model.bits_per_dim(images, seed=0).numpy())
+  np.testing.assert_allclose(served['bits_per_dim'].numpy(),
+                             -served['log_prob'].numpy() / (64 * math.log(2.)), rtol=1e-6)
+  # Deterministic: the same numbers again, and the tf.function attribute agrees.
+  np.testing.assert_array_equal(loaded.log_prob(tf.constant(images))['log_prob'],
+                                served['log_prob'])
+
+
+def test_sample_signature_equals_model_sample(exported):
+  model, _, loaded, _ = exported
+  served = loaded.signatures['sample'](num_samples=tf.constant(3), temperature=tf.constant(0.7),
+                                       seed=tf.constant(11))['images'].numpy()
+  assert served.shape == (3, 8, 8, 1) and served.dtype == np.uint8
+  np.testing.assert_array_equal(served, model.sample(3, temperature=0.7, seed=11).numpy())
+  other = loaded.sample(tf.constant(3), tf.constant(0.7), tf.constant(12))['images'].numpy()
+  assert not np.array_equal(served, other)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (np.zeros((2, 8, 8, 1), np.float32), 'expected to be a uint8 tensor'),
+    (np.zeros((2, 4, 8, 1), np.uint8), r'not compatible with expected shape \[\?,8,8,1\]'),
+    (np.zeros((2, 8, 8, 3), np.uint8), r'not compatible with expected shape \[\?,8,8,1\]'),
+    (np.zeros((8, 8, 1), np.uint8), r'not compatible with expected shape \[\?,8,8,1\]'),
+])
+def test_signature_refuses_wrong_dtype_or_shape(exported, bad, message):
+  _, _, loaded, _ = exported
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    loaded.signatures['serving_default'](images=tf.constant(bad))
+  with pytest.raises(ValueError, match="Input 'images' must have"):
+    export.serve_log_prob(loaded, bad)
+
+
+def test_sample_signature_refuses_bad_arguments(exported):
+  _, _, loaded, _ = exported
+  with pytest.raises(tf.errors.InvalidArgumentError, match='num_samples must be >= 1'):
+    loaded.signatures['sample'](num_samples=tf.constant(0), temperature=tf.constant(1.),
+                                seed=tf.constant(0))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='temperature must be >= 0'):
+    loaded.signatures['sample'](num_samples=tf.constant(1), temperature=tf.constant(-1.),
+                                seed=tf.constant(0))
+
+
+def test_serve_log_prob_helper(exported):
+  model, _, loaded, _ = exported
+  images = _images(3)
+  served = export.serve_log_prob(loaded, images)
+  np.testing.assert_array_equal(served['log_prob'], model.log_prob(images, seed=0).numpy())
+
+
+def test_config_json_round_trips(exported):
+  model, export_dir, _, config = exported
+  assert config == model.config
+  path = os.path.join(export_dir, 'assets', export.CONFIG_NAME)
+  with open(path, encoding='utf-8') as f:
+    assert tfflows.FlowConfig.from_dict(json.load(f)) == model.config
+
+
+def test_saved_model_cli_show_and_run(exported, tmp_path):
+  """`saved_model_cli run` loads through the TF1 session loader, as TF Serving does."""
+  model, export_dir, _, _ = exported
+  shown = _run_cli('show', '--dir', str(export_dir), '--all')
+  for expected in ("signature_def['serving_default']", "signature_def['sample']",
+                   "inputs['images']", "outputs['log_prob']", "outputs['bits_per_dim']",
+                   "inputs['num_samples']", "inputs['temperature']", "inputs['seed']",
+                   "outputs['images']", 'DT_UINT8'):
+    assert expected in shown, expected
+  images = _images(4, seed=3)
+  np.save(tmp_path / 'images.npy', images)
+  _run_cli('run', '--dir', str(export_dir), '--tag_set', 'serve', '--signature_def',
+           'serving_default', '--inputs', f'images={tmp_path / "images.npy"}',
+           '--outdir', str(tmp_path / 'out'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'out' / 'log_prob.npy'),
+                                model.log_prob(images, seed=0).numpy())
+
+
+def test_importance_weighted_export(exported, tmp_path):
+  model = exported[0]
+  export_dir = export.export_saved_model(model, tmp_path / '1', num_importance_samples=3)
+  loaded, _ = export.load_exported(export_dir)
+  images = _images(2)
+  np.testing.assert_array_equal(
+      loaded.signatures['serving_default'](images=tf.constant(images))['log_prob'].numpy(),
+      model.log_prob(images, num_samples=3, seed=0).numpy())
+
+
+def test_untrained_model_is_refused(tmp_path):
+  model = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
+  with pytest.raises(ValueError, match='ActNorm layers are not initialised'):
+    export.export_saved_model(model, tmp_path / '1')
+  assert not os.listdir(tmp_path)
+
+
+def test_export_is_atomic(exported, tmp_path, monkeypatch):
+  model = exported[0]
+  target = tmp_path / 'export' / '1'
+
+  def crash(*args, **kwargs):
+    raise RuntimeError('disk full')
+
+  monkeypatch.setattr(tf.saved_model, 'save', crash)
+  with pytest.raises(RuntimeError, match='disk full'):
+    export.export_saved_model(model, target)
+  assert os.listdir(tmp_path / 'export') == []  # neither the target nor a temporary directory
+  monkeypatch.undo()
+
+  export.export_saved_model(model, target)
+  assert os.listdir(tmp_path / 'export') == ['1']
+  with pytest.raises(FileExistsError, match='overwrite=True'):
+    export.export_saved_model(model, target)
+  export.export_saved_model(model, target, overwrite=True)
+  assert os.listdir(tmp_path / 'export') == ['1']
+  assert export.next_version_dir(tmp_path / 'export') == str(tmp_path / 'export' / '2')
+
+
+def test_load_exported_names_a_missing_model(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No SavedModel'):
+    export.load_exported(tmp_path)
