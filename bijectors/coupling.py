@@ -124,6 +124,26 @@ class AffineCoupling(base.FlowBijector):
     x = b * y + (1. - b) * ((y - shift) * tf.exp(-log_scale))
     return x, -base.sum_event((1. - b) * log_scale)
 
+  # -- per-dimension log-det (LCMA) ---------------------------------------------------------
+  def forward_and_elementwise_log_det(self, x, context=None, **unused):
+    """Returns (y, e) with e [..., H, W, C] = log|dy_i/dx_i| for every dimension i.
+
+    The Jacobian of a coupling is triangular (y_b depends on x_a, y_a = x_a), so its log|det|
+    is the sum of the logs of its diagonal: e is log_scale on the transformed positions and 0
+    on the conditioning ones, and sum_event(e) equals the log-det of ``forward_and_log_det``.
+    Used by the LCMA analysis (``tfflows.lcma``); the training path does not call it.
+    """
+    self._check_channels(x)
+    if self.mask == 'channel':
+      x_a, x_b = self._split(x)
+      shift, log_scale = self._shift_and_log_scale(x_a, context)
+      y_b = x_b * tf.exp(log_scale) + shift
+      return self._merge(x_a, y_b), self._merge(tf.zeros_like(x_a), log_scale)
+    b = self._checkerboard(x)
+    shift, log_scale = self._shift_and_log_scale(x * b, context)
+    y = b * x + (1. - b) * (x * tf.exp(log_scale) + shift)
+    return y, (1. - b) * log_scale
+
   # -- pieces -------------------------------------------------------------------------------
   def _check_channels(self, x):
     if x.shape[-1] != self.channels:

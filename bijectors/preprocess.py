@@ -37,6 +37,10 @@ class ToUnitInterval(base.FlowBijector):
   def _inverse_and_log_det(self, x, **unused):
     return (x + 0.5) * 256., tf.constant(_num_dims(x) * LOG_256, x.dtype)
 
+  def forward_and_elementwise_log_det(self, v, **unused):
+    """(x, e) with e = -ln(256) for every dimension (sums to the forward log-det)."""
+    return v / 256. - 0.5, tf.fill(tf.shape(v), tf.constant(-LOG_256, v.dtype))
+
 
 class Logit(base.FlowBijector):
   """y = logit(alpha + (1 - 2 alpha)(x + 0.5)) for x in [-0.5, 0.5]."""
@@ -57,6 +61,13 @@ class Logit(base.FlowBijector):
     x = (p - self.alpha) / (1. - 2. * self.alpha) - 0.5
     log_p, log_1mp = tf.math.log_sigmoid(y), tf.math.log_sigmoid(-y)
     return x, -base.sum_event(self._log_dx(y) - log_p - log_1mp)
+
+  def forward_and_elementwise_log_det(self, x, **unused):
+    """(y, e) with e = log(1 - 2 alpha) - log(p) - log(1 - p) per dimension: the logit is
+    elementwise, so e sums to the forward log-det."""
+    p = self.alpha + (1. - 2. * self.alpha) * (x + 0.5)
+    log_p, log_1mp = tf.math.log(p), tf.math.log1p(-p)
+    return log_p - log_1mp, self._log_dx(x) - log_p - log_1mp
 
   def _log_dx(self, t):
     """log(1 - 2 alpha) as a tensor of t's dtype, per element (summed by the caller)."""

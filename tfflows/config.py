@@ -35,7 +35,7 @@ class FlowConfig:
   res_blocks: int = 8
   base_width: int = 32
   logit_alpha: float = 0.05
-  split: str = 'static'             # static | random | lcma | lcma_reverse
+  split: str = 'static'             # static | random | lcma | lcma_reverse | none (LCMA phase 1)
   lcma_masks: str = ''              # path of the permutation file written by lcma_analyze
 
   # DenseFlow.
@@ -55,6 +55,7 @@ class FlowConfig:
   num_components: int = 32
   dropout: float = 0.2
   attention_heads: int = 4
+  coupling_blocks: int = 10         # MixLogCDF conditioner: gated conv + attention blocks
 
   def __post_init__(self):
     for name in ('image_shape', 'block_conf', 'layers_conf', 'layer_mid_channels'):
@@ -71,7 +72,7 @@ class FlowConfig:
     _one_of('scale_fn', self.scale_fn, ('sigmoid', 'exp_tanh', 'tanh'))
     _one_of('conv1x1', self.conv1x1, ('lu', 'plain'))
     _one_of('split_prior', self.split_prior, ('learned', 'standard'))
-    _one_of('split', self.split, ('static', 'random', 'lcma', 'lcma_reverse'))
+    _one_of('split', self.split, ('static', 'random', 'lcma', 'lcma_reverse', 'none'))
     _one_of('dequantization', self.dequantization, ('uniform', 'variational'))
     if self.split in ('lcma', 'lcma_reverse') and not self.lcma_masks:
       raise ValueError(f'split={self.split} needs lcma_masks: the file written by '

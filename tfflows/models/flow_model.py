@@ -223,6 +223,8 @@ class FlowModel(keras.Model):
       bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
       loss = bpd + self.regularization()
     grads = tape.gradient(loss, self.trainable_variables)
+    # ActNorm's first (data-initialising) call gives its weights no gradient: use zeros.
+    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)

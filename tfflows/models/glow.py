@@ -6,10 +6,18 @@
 The split keeps the first half of the channels; the factored half has Glow's learned prior
 N(mu(r), sigma(r)) from a zero-initialised conv over the kept half r. The top latent has a
 learned per-channel Gaussian. Paper size for CIFAR-10: L = 3, K = 32, width 512.
+
+``config.split`` (``tfflows.lcma``): static (Glow's split), random (a fixed random permutation
+of the level's dimensions before the split) or lcma / lcma_reverse (the permutations of
+config.lcma_masks, inserted after the level's last step, right before the split). Glow's split
+shapes equal RealNVP's with num_scales = num_levels, so a masks file from the analysis of a
+no-split RealNVP applies; Glow itself cannot be analysed (its 1x1 convolutions mix dimensions,
+so the per-dimension log-det is undefined). split='none' is not supported on Glow.
 """
 
 import bijectors as fb
 from bijectors import multiscale
+from tfflows import lcma
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.glow_net import GlowConditioner
@@ -25,8 +33,16 @@ def flow_step(channels, width, scale_fn='sigmoid', conv1x1='lu', conditioner=Non
                             name=f'{name}_coupling')]
 
 
-def build_levels(config, step_fn=None):
-  """Levels of squeeze + K steps (+ split), and the latent priors (top-down)."""
+def build_levels(config, step_fn=None, split_permutation=None):
+  """Levels of squeeze + K steps (+ split), and the latent priors (top-down).
+
+  split_permutation(level_index, shape) -> a bijector applied right before the split, or None;
+  by default the permutation of config.split (``tfflows.lcma.split_permutation_fn``)."""
+  if config.split == 'none':
+    raise ValueError("split='none' (no factoring out) exists for LCMA's RealNVP pre-training; "
+                     'Glow supports split=static|random|lcma|lcma_reverse.')
+  if split_permutation is None:
+    split_permutation = lcma.split_permutation_fn(config)
   step_fn = step_fn or (lambda c, name: flow_step(c, config.width, config.scale_fn,
                                                   config.conv1x1, name=name))
   h, w, c = config.image_shape
@@ -41,6 +57,10 @@ def build_levels(config, step_fn=None):
     for k in range(config.steps_per_level):
       bijs.extend(step_fn(c, f'level{i}_step{k}'))
     last = i == config.num_levels - 1
+    if not last and split_permutation is not None:
+      permutation = split_permutation(i, (h, w, c))
+      if permutation is not None:
+        bijs.append(permutation)
     keep = None if last else c // 2
     levels.append(multiscale.Level(fb.Chain(bijs, name=f'level{i}'), keep_channels=keep))
     if not last:

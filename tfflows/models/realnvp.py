@@ -10,10 +10,22 @@
 
 Couplings use log-scale = s_c * tanh(h) and residual conditioners (batch norm, weight norm)
 with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
+
+``config.split`` chooses the permutation before each split (``tfflows.lcma``):
+
+    static        none: the split keeps channels [:c/2] of the squeezed tensor (RealNVP)
+    random        a fixed random permutation of the level's h*w*c dimensions
+    lcma          LCMA's ordered squeeze o unsqueeze from config.lcma_masks: keeps, in every
+                  2x2 window and channel, the two dimensions of higher log-det contribution
+    lcma_reverse  the same with the halves swapped: the high ones are factored out
+    none          no factoring out at all (LCMA's pre-training model): one level, the scales
+                  chained on the full tensor (the last scale at H/2^(S-1) x W/2^(S-1) x
+                  C*4^(S-1)) and a single N(0, I) prior over it
 """
 
 import bijectors as fb
 from bijectors import multiscale
+from tfflows import lcma
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.resnet import ResNetConditioner
@@ -26,7 +38,13 @@ def coupling(channels, mask, parity, width, config, name):
 
 
 def build_levels(config, split_permutation=None):
-  """split_permutation(level_index, shape) -> a bijector applied before the split, or None."""
+  """split_permutation(level_index, shape) -> a bijector applied before the split, or None.
+
+  Without one, the permutation of config.split (``tfflows.lcma.split_permutation_fn``)."""
+  if config.split == 'none':
+    return build_unsplit_levels(config)
+  if split_permutation is None:
+    split_permutation = lcma.split_permutation_fn(config)
   h, w, c = config.image_shape
   levels = []
   for s in range(config.num_scales):
@@ -52,6 +70,29 @@ def build_levels(config, split_permutation=None):
     levels.append(multiscale.Level(fb.Chain(bijs, name=f'scale{s}'), keep_channels=c // 2))
     c = c // 2
   return levels
+
+
+def build_unsplit_levels(config):
+  """split='none': the same scales with nothing factored out, as one level whose transform is
+  a Chain of one Chain per scale (a split would follow every scale but the last)."""
+  h, w, c = config.image_shape
+  scales = []
+  for s in range(config.num_scales):
+    width = config.base_width * 2 ** s
+    bijs = [fb.ToUnitInterval(), fb.Logit(config.logit_alpha)] if s == 0 else []
+    last = s == config.num_scales - 1
+    for k in range(4 if last else 3):
+      bijs.append(coupling(c, 'checkerboard', k % 2, width, config, f'scale{s}_checker{k}'))
+    if not last:
+      if h % 2 or w % 2:
+        raise ValueError(f'{config.num_scales} scales need H and W divisible by '
+                         f'{2 ** (config.num_scales - 1)}; image_shape is {config.image_shape}.')
+      bijs.append(fb.Squeeze())
+      h, w, c = h // 2, w // 2, 4 * c
+      for k in range(3):
+        bijs.append(coupling(c, 'channel', k % 2, width, config, f'scale{s}_channel{k}'))
+    scales.append(fb.Chain(bijs, name=f'scale{s}'))
+  return [multiscale.Level(fb.Chain(scales, name='unsplit'))]
 
 
 def build(config, split_permutation=None):
