@@ -1,0 +1,402 @@
+"""The training program train.main: flags, training and resuming, eval, samples, export.
+
+Most runs happen in this process (``_main``: parse the flags, call ``train.main.main``); the CLI
+error path and the distribution strategy (logical CPU devices must be set before TensorFlow
+starts) run in subprocesses.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app
+from absl import flags
+from PIL import Image
+
+import tfflows
+from train import callbacks
+from train import checkpoints
+from train import main as train_main
+from train import modes
+from train import schedule
+from train import trainer
+from train.flags import FLAGS
+from train.run import Run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'tiny.flags')
+
+
+def _parse(*args):
+  """Parses the tiny flagfile and args into FLAGS, every other flag at its default."""
+  FLAGS.unparse_flags()
+  FLAGS(['train.main', f'--flagfile={TINY}', *args])
+  return FLAGS
+
+
+def _main(*args):
+  """Runs the program in this process (as `python -m train.main --flagfile=tiny ...`)."""
+  _parse(*args)
+  train_main.main(['train.main'])
+
+
+def _cli(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'train.main', f'--flagfile={TINY}', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ckpt_value(prefix, key):
+  return tf.train.load_checkpoint(prefix).get_tensor(f'{key}/.ATTRIBUTES/VARIABLE_VALUE')
+
+
+def _steps(workdir, sub='checkpoints'):
+  return sorted(checkpoints.step_of(p[:-len('.index')])
+                for p in glob.glob(os.path.join(workdir, sub, 'ckpt-*.index')))
+
+
+def _tags(logdir):
+  tags = set()
+  for path in glob.glob(os.path.join(logdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+# ---------------------------------------------------------------------------------- flags
+def test_flagfile_values_are_overridden_by_the_command_line(tmp_path):
+  f = _parse(f'--workdir={tmp_path}', '--width=12', '--block_conf=1,2,3', '--batch_size=8')
+  run = Run.from_flags(f, modes.MODES)
+  assert (f.width, f.batch_size, f.steps_per_level) == (12, 8, 2)  # 8 and 16 in the file
+  assert run.config.width == 12 and run.config.block_conf == (1, 2, 3)
+  assert run.config.image_shape == (32, 32, 1)  # from the dataset
+  assert run.modes == ['train'] and run.temperatures == [1.0, 0.8]
+
+
+def test_every_config_field_is_a_flag_with_help():
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  for field in dataclasses.fields(tfflows.FlowConfig):
+    flag = FLAGS[field.name]
+    assert flag.help and len(flag.help) > len('[model] '), field.name
+  for name in ('learning_rate', 'lr_decay', 'strategy', 'init_from', 'mixed_precision'):
+    assert len(FLAGS[name].help) > 20
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--batch_size=abc'], 'batch_size'),
+    (['--lr_decay=1.5'], 'lr_decay'),
+    (['--dataset=imagenet128'], 'dataset'),
+    (['--block_conf=1,x'], 'block_conf'),
+    (['--temperatures=-1'], 'temperatures'),
+    (['--no_such_flag=1'], 'no_such_flag'),
+])
+def test_bad_flag_values_name_the_flag(args, message):
+  with pytest.raises(flags.Error, match=message):
+    _parse(*args)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode=train,fly'], 'unknown mode fly'),
+    (['--model=pixelcnn'], 'pixelcnn'),
+    (['--coupling=spline'], 'coupling'),
+    (['--image_shape=28,28,1'], 'image_shape=28,28,1 does not match'),
+    (['--mode=eval'], r'--mode=eval needs a trained model'),
+    (['--mode=sample,train'], r'--mode=sample needs a trained model'),
+    (['--strategy=mirrored', '--jit_compile'], r'--strategy=mirrored cannot be combined with '
+                                               '--jit_compile'),
+    (['--mixed_precision'], 'mixed_precision needs a GPU'),
+    (['--init_from=/nonexistent/run'], 'init_from=/nonexistent/run: no checkpoint'),
+])
+def test_contradictory_or_invalid_combinations_name_the_flags(tmp_path, args, message):
+  f = _parse(f'--workdir={tmp_path}', *args)
+  with pytest.raises(app.UsageError, match=message):
+    Run.from_flags(f, modes.MODES)
+
+
+def test_mirrored_strategy_turns_jit_off_unless_asked(tmp_path):
+  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--strategy=mirrored'),
+                        modes.MODES).jit_compile is False
+  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--jit_compile'),
+                        modes.MODES).jit_compile is True
+
+
+def test_cli_stops_with_a_message_naming_the_problem(tmp_path):
+  result = _cli(f'--workdir={tmp_path}', '--steps_per_levle=3')
+  assert result.returncode != 0
+  assert 'steps_per_levle' in result.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_missing_data_says_where_to_put_it(tmp_path):
+  empty = tmp_path / 'data'
+  empty.mkdir()
+  with pytest.raises(SystemExit, match=r'dataset=cifar10: data not found.*tfds build cifar10'):
+    _main(f'--workdir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={empty}')
+  assert not _steps(tmp_path / 'run')
+
+
+# ------------------------------------------------------------------------------- schedule
+def test_learning_rate_schedule_warms_up_then_decays_per_epoch():
+  lr = schedule.WarmupExponentialDecay(1e-3, warmup_steps=4, decay=0.5, steps_per_epoch=10)
+  got = [float(lr(t)) for t in (0, 1, 3, 9, 10, 25)]
+  np.testing.assert_allclose(got, [2.5e-4, 5e-4, 1e-3, 1e-3, 5e-4, 2.5e-4], rtol=1e-6)
+  flat = schedule.WarmupExponentialDecay(2e-5, warmup_steps=0, decay=1., steps_per_epoch=3)
+  assert float(flat(0)) == pytest.approx(2e-5) and float(flat(100)) == pytest.approx(2e-5)
+
+
+# ------------------------------------------------------------------- training and resuming
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run: 1 epoch of 4 steps (checkpoints at steps 3 and 4), with jit_compile."""
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  _main(f'--workdir={workdir}', '--epochs=1')
+  return workdir
+
+
+def test_training_writes_checkpoints_best_and_tensorboard(trained):
+  assert _steps(trained) == [3, 4]
+  assert _steps(trained, 'best') == [4]
+  with open(os.path.join(trained, 'best', 'best.json'), encoding='utf-8') as f:
+    best = json.load(f)
+  assert best['step'] == 4 and np.isfinite(best['test_bits_per_dim'])
+  prefix = os.path.join(trained, 'checkpoints', 'ckpt-4')
+  assert _ckpt_value(prefix, 'optimizer/_iterations') == 4
+  assert _ckpt_value(prefix, 'step') == 4 and _ckpt_value(prefix, 'epoch') == 1
+  config = tfflows.FlowConfig.from_json(open(os.path.join(trained, 'config.json')).read())
+  assert config.width == 8 and config.image_shape == (32, 32, 1)
+  train_tags = _tags(os.path.join(trained, 'tensorboard', 'train'))
+  assert {'bits_per_dim', 'loss', 'grad_norm', 'learning_rate', 'images_per_second',
+          'samples/temperature_1', 'samples/temperature_0.8'} <= train_tags
+  assert 'bits_per_dim' in _tags(os.path.join(trained, 'tensorboard', 'test'))
+
+
+def test_restore_gives_the_saved_optimizer_state(tmp_path):
+  """Weights, ActNorm flags, Adamax moments, iterations and the SeedGenerator state come back
+  exactly as they were saved."""
+  run = Run.from_flags(_parse(f'--workdir={tmp_path}', '--nojit_compile'), modes.MODES)
+  lr = schedule.WarmupExponentialDecay(1e-3, 2, 0.9, 4)
+  model = trainer.build_training_model(run, lr)
+  model.fit(run.images('train', 32), batch_size=16, epochs=1, verbose=0)
+  saver = checkpoints.Checkpointer(str(tmp_path), model, model.optimizer, keep=2)
+  prefix = saver.save(2, 0)
+  saved = [np.array(v) for v in model.optimizer.variables]
+  weights = [np.array(v) for v in model.variables]
+  moments = [s for s, v in zip(saved, model.optimizer.variables) if 'momentum' in v.path]
+  assert moments and any(np.any(m) for m in moments)  # the moments are not all zero
+  restored = trainer.build_training_model(run, lr)
+  assert checkpoints.Checkpointer(str(tmp_path), restored, restored.optimizer,
+                                  keep=2).restore_latest() == prefix
+  assert int(restored.optimizer.iterations.numpy()) == 2
+  for a, b in zip(saved, restored.optimizer.variables):
+    np.testing.assert_array_equal(a, np.array(b))
+  for a, b in zip(weights, restored.variables):
+    np.testing.assert_array_equal(a, np.array(b), err_msg=b.path)
+  flags_ = [np.array(v) for v in restored.variables if v.path.endswith('initialized')]
+  assert flags_ and all(f == 1. for f in flags_)
+  # The model alone (eval, sample, export, --init_from): every variable, the priors included.
+  alone = tfflows.build_model(run.config)
+  checkpoints.restore_model(alone, prefix)
+  for a, b in zip(weights, alone.variables):
+    np.testing.assert_array_equal(a, np.array(b), err_msg=b.path)
+  other = tfflows.build_model(run.config.replace(steps_per_level=1))
+  with pytest.raises(ValueError, match='different architecture'):
+    checkpoints.restore_model(other, prefix)
+
+
+def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path):
+  """Rerunning resumes; a run stopped mid-epoch (latest checkpoint at step 3 of 4) finishes
+  that epoch's last step first, then whole epochs."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir)
+  with open(os.path.join(workdir, 'checkpoints', 'checkpoint'), 'w', encoding='utf-8') as f:
+    f.write('model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+  before = tf.train.load_checkpoint(os.path.join(workdir, 'checkpoints', 'ckpt-3'))
+  _main(f'--workdir={workdir}', '--epochs=2', '--nojit_compile')
+  assert _steps(workdir)[-1] == 8
+  prefix = os.path.join(workdir, 'checkpoints', 'ckpt-8')
+  assert _ckpt_value(prefix, 'optimizer/_iterations') == 8
+  assert _ckpt_value(prefix, 'epoch') == 2
+  # The moments moved on from those of step 3 (they were restored, not re-created at zero).
+  after = tf.train.load_checkpoint(prefix)
+  key = 'optimizer/_variables/3/.ATTRIBUTES/VARIABLE_VALUE'
+  assert np.any(before.get_tensor(key)) and not np.array_equal(before.get_tensor(key),
+                                                               after.get_tensor(key))
+  with open(os.path.join(workdir, 'flags.txt'), encoding='utf-8') as f:
+    assert '--epochs=2' in f.read().split()
+  # Already at the end: a rerun trains nothing and keeps the step.
+  _main(f'--workdir={workdir}', '--epochs=2', '--nojit_compile')
+  assert _steps(workdir)[-1] == 8
+
+
+def test_fine_tune_starts_from_other_weights_with_a_fresh_optimizer(trained, tmp_path):
+  workdir = str(tmp_path / 'finetune')
+  _main(f'--workdir={workdir}', '--epochs=1', '--steps_per_epoch=1', f'--init_from={trained}',
+        '--learning_rate=2e-5', '--warmup_steps=0', '--mode=train', '--nojit_compile')
+  prefix = os.path.join(workdir, 'checkpoints', 'ckpt-1')
+  assert _ckpt_value(prefix, 'optimizer/_iterations') == 1
+  run = Run.from_flags(_parse(f'--workdir={workdir}'), modes.MODES)
+  source = tfflows.build_model(run.config)
+  checkpoints.restore_model(source, os.path.join(trained, 'checkpoints', 'ckpt-4'))
+  tuned = tfflows.build_model(run.config)
+  checkpoints.restore_model(tuned, prefix)
+  # One Adamax step at lr 2e-5 moves each weight by at most the learning rate.
+  moved = [float(np.max(np.abs(np.array(a) - np.array(b))))
+           for a, b in zip(source.trainable_variables, tuned.trainable_variables)]
+  assert 0. < max(moved) <= 2.1e-5
+
+
+def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(SystemExit, match='non-finite loss at step'):
+    _main(f'--workdir={workdir}', '--learning_rate=1e30', '--warmup_steps=0', '--epochs=3',
+          '--checkpoint_every_steps=1', '--nojit_compile', '--mode=train')
+  for step in _steps(workdir):
+    reader = tf.train.load_checkpoint(os.path.join(workdir, 'checkpoints', f'ckpt-{step}'))
+    for key in reader.get_variable_to_shape_map():
+      value = reader.get_tensor(key)
+      if np.issubdtype(np.asarray(value).dtype, np.floating):
+        assert np.all(np.isfinite(value)), (step, key)
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+  model = tfflows.build_model(tfflows.FlowConfig(model='glow', image_shape=(8, 8, 1),
+                                                 num_levels=2, steps_per_level=1, width=4))
+  import keras  # pylint: disable=import-outside-toplevel
+  model.compile(keras.optimizers.Adamax(1e-3))
+  model.optimizer.build(model.trainable_variables)
+  saver = checkpoints.Checkpointer(str(tmp_path), model, model.optimizer, keep=1)
+  model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan))
+  with pytest.raises(checkpoints.PoisonedWeightsError, match='NaN or Inf'):
+    saver.save(1, 0)
+  assert not _steps(str(tmp_path))
+  guard = callbacks.NonFiniteGuard('skip')
+  guard.set_model(model)
+  guard.on_train_batch_end(0, {'finite': 0., 'loss': np.nan})
+  assert guard.skipped == 1
+
+
+# ------------------------------------------------------ eval, sample, interpolate, export
+@pytest.fixture(scope='module')
+def after_modes(trained):
+  """Every reading mode on the tiny run in one invocation (one model restore)."""
+  _main(f'--workdir={trained}', '--epochs=1',
+        '--mode=eval,sample,interpolate,export,memorization')
+  return trained
+
+
+def test_eval_writes_bound_and_importance_weighted_bits_per_dim(after_modes):
+  with open(os.path.join(after_modes, 'eval.json'), encoding='utf-8') as f:
+    result = json.load(f)
+  assert result['num_images'] == 32 and result['num_importance_samples'] == 4
+  assert result['step'] == 4 and result['dataset'] == 'mnist_embedded'
+  bound, iw = result['bits_per_dim_bound'], result['bits_per_dim_iw']
+  assert np.isfinite(bound) and np.isfinite(iw) and 0. < iw < 9.
+  assert iw <= bound + 1e-3  # log-likelihood: IW estimate >= the bound (bits/dim: <=)
+  # The restored model scores the test images as the trained one did at its last epoch (the
+  # same 32 images; only the dequantization noise differs).
+  with open(os.path.join(after_modes, 'best', 'best.json'), encoding='utf-8') as f:
+    assert bound == pytest.approx(json.load(f)['test_bits_per_dim'], abs=0.02)
+
+
+def test_sample_and_interpolate_write_valid_png_grids(after_modes):
+  names = ['temperature1_seed0.png', 'temperature0.8_seed0.png', 'interpolation_linear.png',
+           'memorization.png']
+  sizes = {}
+  for name in names:
+    with Image.open(os.path.join(after_modes, 'samples', name)) as image:
+      image.verify()
+    with Image.open(os.path.join(after_modes, 'samples', name)) as image:
+      sizes[name] = image.size
+  # 4 samples: a 2 x 2 grid of 32 px images; interpolation: 4 steps a row, 2 rows.
+  assert min(sizes['temperature1_seed0.png']) >= 64
+  width, height = sizes['interpolation_linear.png']
+  assert width > 4 * 32 and 2 * 32 < height < 3 * 32
+  with open(os.path.join(after_modes, 'memorization.json'), encoding='utf-8') as f:
+    assert len(json.load(f)['nearest_l2']) == 2
+
+
+def test_export_reloads_with_the_numbers_of_the_python_model(after_modes):
+  from tfflows import export  # pylint: disable=import-outside-toplevel
+  export_dir = os.path.join(after_modes, 'export', '4')
+  loaded, config = export.load_exported(export_dir)
+  assert config.width == 8
+  run = Run.from_flags(_parse(f'--workdir={after_modes}', '--epochs=1', '--mode=eval'),
+                       modes.MODES)
+  model, _ = run.load_model()
+  images = run.images('test', 5)
+  served = loaded.signatures['serving_default'](images=tf.constant(images))
+  np.testing.assert_array_equal(served['bits_per_dim'].numpy(),
+                                model.bits_per_dim(images, seed=export.SERVING_SEED).numpy())
+  np.testing.assert_array_equal(served['log_prob'].numpy(),
+                                model.log_prob(images, seed=export.SERVING_SEED).numpy())
+  drawn = loaded.signatures['sample'](num_samples=tf.constant(3), temperature=tf.constant(0.8),
+                                      seed=tf.constant(7))['images']
+  np.testing.assert_array_equal(drawn.numpy(), model.sample(3, 0.8, seed=7).numpy())
+
+
+def test_deterministic_runs_write_identical_checkpoints(tmp_path):
+  readers = []
+  for name in ('a', 'b'):
+    result = _cli(f'--workdir={tmp_path / name}', '--deterministic', '--nojit_compile',
+                  '--epochs=1', '--steps_per_epoch=3', '--eval_batches=1', '--mode=train')
+    assert result.returncode == 0, result.stderr[-2000:]
+    readers.append(tf.train.load_checkpoint(str(tmp_path / name / 'checkpoints' / 'ckpt-3')))
+  keys = [k for k in readers[0].get_variable_to_shape_map() if 'OBJECT_GRAPH' not in k]
+  assert len(keys) > 50
+  for key in keys:
+    np.testing.assert_array_equal(readers[0].get_tensor(key), readers[1].get_tensor(key), key)
+
+
+# ----------------------------------------------------------------------------- strategies
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  result = _cli(f'--workdir={tmp_path}', '--strategy=mirrored', '--num_cpu_devices=2',
+                '--epochs=1', '--steps_per_epoch=2', '--eval_batches=1', '--mode=train')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '2 replica(s)' in result.stderr and 'jit_compile=False' in result.stderr
+  prefix = os.path.join(tmp_path, 'checkpoints', 'ckpt-2')
+  assert _ckpt_value(prefix, 'optimizer/_iterations') == 2
+  with open(os.path.join(tmp_path, 'best', 'best.json'), encoding='utf-8') as f:
+    assert np.isfinite(json.load(f)['test_bits_per_dim'])
+
+
+def test_multiworker_strategy_constructs_from_tf_config():
+  """A one-worker cluster: MultiWorkerMirroredStrategy reads TF_CONFIG (collective ops must be
+  configured at program start, hence a fresh process)."""
+  tf_config = json.dumps({'cluster': {'worker': ['localhost:0']},
+                          'task': {'type': 'worker', 'index': 0}})
+  code = ('from train import trainer; s = trainer.make_strategy("multiworker"); '
+          'print(type(s).__name__, s.num_replicas_in_sync, trainer.is_chief(s))')
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=tf_config)
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'CollectiveAllReduceStrategy 1 (True, 0)' in result.stdout  # its class name in TF 2
+
+
+def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
+  args = [f'--workdir={tmp_path}', '--epochs=1', '--steps_per_epoch=400',
+          '--checkpoint_every_steps=5', '--nojit_compile', '--mode=train']
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  process = subprocess.Popen([sys.executable, '-m', 'train.main', f'--flagfile={TINY}', *args],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not any(s >= 10 for s in _steps(str(tmp_path))) and time.time() < deadline:
+      time.sleep(0.5)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  latest = checkpoints.step_of(tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints')))
+  assert latest >= 10 and latest % 5 == 0
+  result = _cli(f'--workdir={tmp_path}', '--epochs=0', '--steps_per_epoch=400', '--mode=train')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'resumed from {tmp_path}/checkpoints/ckpt-{latest}' in result.stderr

@@ -1,0 +1,164 @@
+"""Keras callbacks of the training program: NaN guard, checkpoints, TensorBoard summaries.
+
+Order matters: the guard runs first on every batch, so a non-finite step stops training before
+the checkpoint callback can save it.
+"""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tfflows import sampling
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or Inf loss or gradient norm."""
+
+
+def _value(logs, key, default=float('nan')):
+  value = (logs or {}).get(key)
+  return default if value is None else float(np.asarray(value))
+
+
+def _step(model):
+  return int(model.optimizer.iterations.numpy())
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+  """Reads the 'finite' log of FlowModel.train_step (0 when the loss or the gradient norm is
+  NaN or Inf; the step then applied no gradient). policy 'stop' raises NonFiniteLossError;
+  'skip' logs a warning and counts the skipped steps."""
+
+  def __init__(self, policy='stop'):
+    super().__init__()
+    self.policy = policy
+    self.skipped = 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    if _value(logs, 'finite', 1.) >= 1.:
+      return
+    step = _step(self.model)
+    message = (f'non-finite loss at step {step} (loss {_value(logs, "loss")}, gradient norm '
+               f'{_value(logs, "grad_norm")}); the update was not applied')
+    if self.policy == 'stop':
+      self.model.stop_training = True
+      raise NonFiniteLossError(
+          message + '. Training stopped; the last checkpoint is the last good state. Try a '
+          'longer --warmup_steps, a lower --learning_rate, --max_grad_norm, or '
+          '--on_nonfinite=skip.')
+    self.skipped += 1
+    logging.warning('%s (skipped %d so far).', message, self.skipped)
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+  """Saves every `every_steps` steps (0: never mid-epoch) and at every epoch end; after an
+  epoch with a test bits/dim, also to best/ when it is the best so far."""
+
+  def __init__(self, checkpointer, every_steps, steps_per_epoch):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self.every_steps = every_steps
+    self.steps_per_epoch = steps_per_epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = _step(self.model)
+    if self.every_steps and step % self.every_steps == 0:
+      self._save(step)
+
+  def on_epoch_end(self, epoch, logs=None):
+    step = _step(self.model)
+    self._save(step)
+    test_bpd = _value(logs, 'val_bpd')
+    if np.isfinite(test_bpd) and self.checkpointer.save_best(step, step // self.steps_per_epoch,
+                                                             test_bpd):
+      logging.info('best test bits/dim so far (%.4f): saved to best/', test_bpd)
+
+  def _save(self, step):
+    prefix = self.checkpointer.save(step, step // self.steps_per_epoch)
+    if prefix:
+      logging.info('saved %s', prefix)
+
+
+class TensorBoardSummaries(keras.callbacks.Callback):
+  """TensorBoard scalars and sample grids, and throughput.
+
+  Every `every_steps` steps (tensorboard/train): bits_per_dim (the epoch's running mean),
+  loss, grad_norm (running mean), learning_rate, images_per_second. Every epoch end:
+  bits_per_dim in tensorboard/train and tensorboard/test (same tag, so they overlay),
+  images_per_second over the epoch, and an image grid of `num_samples` samples at each
+  temperature (fixed seed, so epochs are comparable). Throughput leaves out the first step of
+  every epoch (in the first epoch: tracing and XLA compilation)."""
+
+  def __init__(self, logdir, learning_rate, global_batch_size, every_steps, num_samples,
+               temperatures, seed, write=True):
+    super().__init__()
+    self.learning_rate = learning_rate
+    self.global_batch_size = global_batch_size
+    self.every_steps = every_steps
+    self.num_samples = num_samples
+    self.temperatures = list(temperatures)
+    self.seed = seed
+    self.write = write
+    self.train_writer = tf.summary.create_file_writer(f'{logdir}/train') if write else None
+    self.test_writer = tf.summary.create_file_writer(f'{logdir}/test') if write else None
+    self.epoch_throughput = []
+    self.last_logs = {}
+    self._mark = None  # (time, step) of the last throughput measurement
+    self._epoch_mark = None
+    self._last_batch = None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._mark = self._epoch_mark = None  # leaves out the validation and sampling time too
+
+  def on_train_batch_end(self, batch, logs=None):
+    step, now = _step(self.model), time.perf_counter()
+    self._last_batch = (now, step)
+    if self._epoch_mark is None:
+      self._mark = self._epoch_mark = (now, step)
+      return
+    if step % self.every_steps:
+      return
+    images_per_second = self._rate(self._mark, now, step)
+    self._mark = (now, step)
+    if self.write:
+      with self.train_writer.as_default(step=step):
+        tf.summary.scalar('bits_per_dim', _value(logs, 'bpd'))
+        tf.summary.scalar('loss', _value(logs, 'loss'))
+        tf.summary.scalar('grad_norm', _value(logs, 'grad_norm'))
+        tf.summary.scalar('learning_rate', float(self.learning_rate(step - 1)))
+        tf.summary.scalar('images_per_second', images_per_second)
+
+  def _rate(self, mark, now, step):
+    then, start = mark
+    return (step - start) * self.global_batch_size / max(now - then, 1e-9)
+
+  def on_epoch_end(self, epoch, logs=None):
+    step = _step(self.model)
+    rate = float('nan')
+    if self._epoch_mark is not None and self._last_batch[1] > self._epoch_mark[1]:
+      rate = self._rate(self._epoch_mark, *self._last_batch)  # validation time left out
+      self.epoch_throughput.append(rate)
+    train_bpd, test_bpd = _value(logs, 'bpd'), _value(logs, 'val_bpd')
+    self.last_logs = {'step': step, 'epoch': epoch + 1, 'train_bits_per_dim': train_bpd,
+                      'test_bits_per_dim': test_bpd, 'images_per_second': rate}
+    logging.info('epoch %d, step %d: train %.4f bits/dim, test %.4f bits/dim, %.1f images/s, '
+                 'lr %.3g', epoch + 1, step, train_bpd, test_bpd, rate,
+                 float(self.learning_rate(max(step - 1, 0))))
+    if not self.write:
+      return
+    with self.train_writer.as_default(step=step):
+      tf.summary.scalar('bits_per_dim', train_bpd)
+      if np.isfinite(rate):
+        tf.summary.scalar('images_per_second_epoch', rate)
+      for t in self.temperatures:
+        images = self.model.sample(self.num_samples, temperature=t, seed=self.seed).numpy()
+        tf.summary.image(f'samples/temperature_{t:g}', sampling.image_grid(images)[None],
+                         step=step)
+    if np.isfinite(test_bpd):
+      with self.test_writer.as_default(step=step):
+        tf.summary.scalar('bits_per_dim', test_bpd)
+    self.train_writer.flush()
+    self.test_writer.flush()

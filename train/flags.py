@@ -1,0 +1,247 @@
+"""Command-line flags of ``python -m train.main``: training flags and one flag per model field.
+
+Training flags are written out below, each with its help. Model flags are generated from the
+fields of ``tfflows.FlowConfig`` (``--width=64``, ``--block_conf=6,4,1`` for tuples), so a field
+added to the config becomes a flag with no change here; its help comes from ``MODEL_HELP``, else
+from the field's ``metadata['help']``, else from the comment beside the field in config.py.
+
+A flagfile holds one ``--flag=value`` a line; flags after ``--flagfile`` on the command line
+override the file's values (absl reads flags left to right, the last value wins).
+"""
+
+import dataclasses
+import inspect
+import io
+import tokenize
+
+from absl import flags
+
+from tfflows.config import FlowConfig
+from tfflows.data.pipeline import DATASETS
+
+FLAGS = flags.FLAGS
+
+# ------------------------------------------------------------------------------ the program
+flags.DEFINE_string(
+    'mode', 'train',
+    'What to run: one mode or a comma list run in order in one invocation, e.g. '
+    '"train,eval,sample,export" (the quick start). Modes: train, eval, sample, interpolate, '
+    'export, memorization (and any mode registered in train/modes.py MODES).')
+flags.DEFINE_string(
+    'workdir', None,
+    'Directory of the run: checkpoints/, best/, tensorboard/, samples/, export/, eval.json, '
+    'config.json. Rerunning the same command resumes from it.')
+flags.DEFINE_integer('verbose', 1, 'Keras fit verbosity: 1 progress bar, 2 one line an epoch, '
+                     '0 silent.', lower_bound=0, upper_bound=2)
+
+# ------------------------------------------------------------------------------------- data
+flags.DEFINE_enum('dataset', 'mnist_embedded', sorted(DATASETS),
+                  'Dataset (tfflows.data.DATASETS). mnist_embedded ships with the package.')
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir, or the directory of the image-net.org '
+                    'downsampled ImageNet npz batches.')
+flags.DEFINE_bool('flip', True, 'Random horizontal flips of training images.')
+flags.DEFINE_integer('translate_pixels', 0, 'Random translations of training images by up to '
+                     'this many pixels each way (DenseFlow); 0: off.', lower_bound=0)
+flags.DEFINE_integer('seed', 0, 'Seed of weight initialisation, data order, augmentation and '
+                     'the noise of eval and samples.')
+flags.DEFINE_bool('deterministic', False, 'Deterministic data pipeline and TF ops '
+                  '(tf.config.experimental.enable_op_determinism); slower.')
+
+# --------------------------------------------------------------------------------- training
+flags.DEFINE_integer('batch_size', 64, 'Global training batch size (split across replicas).',
+                     lower_bound=1)
+flags.DEFINE_integer('eval_batch_size', 0, 'Batch size of test bits/dim, eval and '
+                     'interpolation; 0: batch_size.', lower_bound=0)
+flags.DEFINE_integer('epochs', 1, 'Epochs to train (in total, counting resumed ones).',
+                     lower_bound=0)
+flags.DEFINE_integer('steps_per_epoch', 0, 'Training steps an epoch; 0: training images // '
+                     'batch_size.', lower_bound=0)
+flags.DEFINE_float('learning_rate', 1e-3, 'Base learning rate (the papers: 1e-3; fine-tuning '
+                   '2e-5).', lower_bound=0.)
+flags.DEFINE_integer('warmup_steps', 0, 'Linear warm-up steps (DenseFlow: 5000); 0: none.',
+                     lower_bound=0)
+flags.DEFINE_float('lr_decay', 1.0, 'Learning rate factor per epoch: lr(t) = learning_rate * '
+                   'min(1, (t+1)/warmup_steps) * lr_decay^floor(t/steps_per_epoch), t the '
+                   '0-based step (DenseFlow: 0.95; CIFAR-10 0.9975).',
+                   lower_bound=0., upper_bound=1.)
+flags.DEFINE_enum('optimizer', 'adamax', ['adamax', 'adam'], 'Optimizer (Keras defaults for '
+                  'betas and epsilon).')
+flags.DEFINE_float('max_grad_norm', 0., 'Clip gradients to this global norm (LCMA: 100); 0: '
+                   'off.', lower_bound=0.)
+flags.DEFINE_float('scale_l2', 0., 'L2 penalty on weight-norm scales (RealNVP / LCMA: 5e-5).',
+                   lower_bound=0.)
+flags.DEFINE_enum('on_nonfinite', 'stop', ['stop', 'skip'],
+                  'A NaN or Inf loss or gradient: stop training with a message (the last '
+                  'checkpoint stays the last good one), or skip that update and go on.')
+flags.DEFINE_bool('jit_compile', True, 'XLA-compile the train and test steps. Unset '
+                  'automatically under a mirrored or multiworker strategy unless given '
+                  'explicitly, which is then an error (Keras compiles the whole multi-replica '
+                  'step and XLA cannot place per-replica variables).')
+flags.DEFINE_enum('strategy', 'default', ['default', 'mirrored', 'multiworker'],
+                  'tf.distribute strategy: one device; MirroredStrategy over the local GPUs '
+                  '(or the logical CPUs of --num_cpu_devices); MultiWorkerMirroredStrategy from '
+                  'the TF_CONFIG environment variable.')
+flags.DEFINE_integer('num_cpu_devices', 0, 'Split the CPU into this many logical devices '
+                     '(to try --strategy=mirrored without GPUs); 0: leave as is.', lower_bound=0)
+flags.DEFINE_bool('mixed_precision', False, 'mixed_float16 compute with float32 variables, '
+                  'log-dets and loss (GPUs only). Refused on CPU, and refused with the reason '
+                  'when the model cannot run in float16 (the current bijectors mix dtypes).')
+flags.DEFINE_string('init_from', '', 'Fine-tune: start from the model weights of this workdir '
+                    '(its latest checkpoint; DIR/best for its best) or checkpoint prefix, with a '
+                    'fresh optimizer and schedule at --learning_rate. Used only when --workdir '
+                    'has no checkpoint yet, so rerunning resumes the fine-tune.')
+
+# ------------------------------------------------------------------------------ checkpoints
+flags.DEFINE_integer('checkpoint_every_steps', 500, 'Save a checkpoint every this many steps '
+                     '(and at every epoch end); 0: epoch ends only.', lower_bound=0)
+flags.DEFINE_integer('keep_checkpoints', 3, 'Keep the last this many periodic checkpoints '
+                     '(the best by test bits/dim is kept apart).', lower_bound=1)
+flags.DEFINE_string('checkpoint', 'latest', 'Checkpoint used by eval, sample, interpolate, '
+                    'export and memorization: latest, best, or a checkpoint prefix / directory.')
+flags.DEFINE_integer('log_every_steps', 50, 'TensorBoard training scalars every this many '
+                     'steps.', lower_bound=1)
+
+# ----------------------------------------------------------------- evaluation and sampling
+flags.DEFINE_integer('num_importance_samples', 16, 'k of the importance-weighted bits/dim '
+                     'estimate in --mode=eval (DenseFlow: 1000 on CIFAR-10, 200 elsewhere).',
+                     lower_bound=1)
+flags.DEFINE_integer('eval_batches', 0, 'Test batches for the per-epoch test bits/dim and '
+                     '--mode=eval; 0: the whole test split.', lower_bound=0)
+flags.DEFINE_integer('num_samples', 64, 'Images in each sample grid (TensorBoard and '
+                     '--mode=sample).', lower_bound=1)
+flags.DEFINE_list('temperatures', ['1.0', '0.8'], 'Sampling temperatures: one grid each (the '
+                  'DenseFlow figures use 0.8).')
+flags.DEFINE_string('interpolation', 'linear', 'Interpolation in latent space for '
+                    '--mode=interpolate: linear (or one registered in train/modes.py '
+                    'INTERPOLATIONS).')
+flags.DEFINE_integer('interpolation_steps', 8, 'Images per interpolation path, end points '
+                     'included.', lower_bound=2)
+flags.DEFINE_integer('interpolation_pairs', 8, 'Pairs of test images to interpolate between.',
+                     lower_bound=1)
+flags.DEFINE_string('export_dir', '', 'SavedModel base directory; the model goes to '
+                    'EXPORT_DIR/<checkpoint step> (TF Serving version directories). Default: '
+                    'WORKDIR/export.')
+flags.DEFINE_integer('export_importance_samples', 1, 'k of the served log_prob (1: the one-'
+                     'sample bound).', lower_bound=1)
+flags.DEFINE_integer('memorization_queries', 8, 'Samples whose nearest training images '
+                     '--mode=memorization shows.', lower_bound=1)
+flags.DEFINE_integer('memorization_crop', 42, 'Side of the central crop compared by L2 '
+                     '(DenseFlow appendix E: 42 on 64x64 faces); capped at the image size.',
+                     lower_bound=1)
+flags.DEFINE_integer('memorization_neighbours', 5, 'Nearest training images shown per sample.',
+                     lower_bound=1)
+
+# ------------------------------------------------------------------------------ model flags
+MODEL_HELP = {
+    'model': 'Architecture: glow, realnvp, denseflow, marscf.',
+    'image_shape': 'H,W,C of the images; empty: the dataset\'s shape (must match it).',
+    'num_levels': 'Glow / mAR-SCF: levels of squeeze, K steps, split.',
+    'steps_per_level': 'Glow / mAR-SCF: flow steps K per level.',
+    'width': 'Glow / mAR-SCF: channels of the coupling networks.',
+    'coupling': 'Coupling layer: affine, or mixlogcdf (mAR-SCF / Flow++).',
+    'scale_fn': 'Affine coupling scale: sigmoid (Glow), exp_tanh (DenseFlow), tanh (RealNVP).',
+    'conv1x1': 'Invertible 1x1 convolution: lu or plain.',
+    'split_prior': 'Prior of factored-out latents: learned (Glow\'s conv prior) or standard.',
+    'num_scales': 'RealNVP / LCMA: scales.',
+    'res_blocks': 'RealNVP / LCMA: residual blocks per coupling network.',
+    'base_width': 'RealNVP / LCMA: coupling network width at the first scale.',
+    'logit_alpha': 'RealNVP / LCMA: alpha of the logit preprocessing.',
+    'split': 'RealNVP factoring out: static, random, lcma, lcma_reverse.',
+    'lcma_masks': 'LCMA: the permutation file written by the LCMA analysis.',
+    'block_conf': 'DenseFlow: units per dense block.',
+    'layers_conf': 'DenseFlow: flow steps per unit in each block.',
+    'layer_mid_channels': 'DenseFlow: coupling-network width in each block.',
+    'growth_rate': 'DenseFlow: noise channels added by each cross-unit coupling.',
+    'dense_layers': 'DenseFlow: layers of each coupling network\'s dense block.',
+    'dense_growth': 'DenseFlow: channels each dense-block layer adds.',
+    'num_landmarks': 'DenseFlow: Nystrom attention landmarks.',
+    'pinv_iterations': 'DenseFlow: Nystrom pseudo-inverse iterations.',
+    'dequantization': 'Dequantization: uniform or variational.',
+    'mar_hidden': 'mAR-SCF: ConvLSTM hidden channels of the prior.',
+    'mar_layers': 'mAR-SCF: ConvLSTM layers of the prior.',
+    'num_components': 'MixLogCDF: logistic mixture components.',
+    'dropout': 'MixLogCDF conditioner dropout.',
+    'attention_heads': 'MixLogCDF conditioner attention heads.',
+}
+
+TRAINING_FLAGS = frozenset(FLAGS)  # every flag defined above (absl's own ones included)
+
+
+def _field_comments():
+  """{field name: its trailing comment} read from the FlowConfig source, '' where none."""
+  comments = {}
+  try:
+    source = inspect.getsource(FlowConfig)
+  except (OSError, TypeError):
+    return comments
+  line_field = {}
+  for i, line in enumerate(source.splitlines(), start=1):
+    name = line.strip().split(':', 1)[0]
+    if name.isidentifier():
+      line_field[i] = name
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT and token.start[0] in line_field:
+      comments[line_field[token.start[0]]] = token.string.lstrip('# ').strip()
+  return comments
+
+
+def model_flag_name(field_name):
+  """The flag of a FlowConfig field: its own name, or model_<name> if a training flag has it."""
+  return f'model_{field_name}' if field_name in TRAINING_FLAGS else field_name
+
+
+def _define_model_flags():
+  comments = _field_comments()
+  for field in dataclasses.fields(FlowConfig):
+    name = model_flag_name(field.name)
+    default = field.default
+    text = (MODEL_HELP.get(field.name) or field.metadata.get('help')
+            or comments.get(field.name) or f'FlowConfig.{field.name}.')
+    text = f'[model] {text}'
+    if field.name == 'image_shape':
+      flags.DEFINE_list(name, [], text)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(name, default, text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, default, text)
+    elif isinstance(default, tuple):
+      flags.DEFINE_list(name, [str(v) for v in default], text + ' Comma list.')
+      flags.register_validator(name, _int_list, f'--{name} must be a comma list of integers.')
+    else:
+      flags.DEFINE_string(name, '' if default is None else str(default), text)
+
+
+def _int_list(values):
+  try:
+    [int(v) for v in values]  # pylint: disable=expression-not-assigned
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+_define_model_flags()
+flags.register_validator('image_shape', lambda v: not v or (len(v) == 3 and _int_list(v)),
+                         '--image_shape must be empty (the dataset\'s) or three integers H,W,C.')
+flags.register_validator('temperatures', lambda v: _float_list(v, minimum=0.),
+                         '--temperatures must be a non-empty comma list of numbers >= 0.')
+
+
+def _float_list(values, minimum):
+  try:
+    numbers = [float(v) for v in values]
+  except (TypeError, ValueError):
+    return False
+  return bool(numbers) and min(numbers) >= minimum
+
+
+def model_field_values(flag_values=FLAGS):
+  """{FlowConfig field: value} from the model flags (image_shape may be () for 'dataset's')."""
+  values = {}
+  for field in dataclasses.fields(FlowConfig):
+    value = flag_values[model_flag_name(field.name)].value
+    if isinstance(field.default, tuple) or field.name == 'image_shape':
+      value = tuple(int(v) for v in value or ())
+    values[field.name] = value
+  return values

@@ -1,0 +1,72 @@
+r"""The tfflows training program.
+
+    python -m train.main --flagfile=configs/mnist.flags --workdir=/tmp/mnist
+    python -m train.main --flagfile=configs/mnist.flags --workdir=/tmp/mnist --mode=eval \
+        --num_importance_samples=64
+
+--mode takes one mode or a comma list run in order (train,eval,sample,export); rerunning a
+training command resumes from the workdir. ``--helpfull`` lists every flag with its help.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import keras  # noqa: E402  pylint: disable=wrong-import-position
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+from absl import app  # noqa: E402  pylint: disable=wrong-import-position
+from absl import logging  # noqa: E402  pylint: disable=wrong-import-position
+
+from train import callbacks  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
+from train import flags as train_flags  # noqa: E402  pylint: disable=wrong-import-position
+from train import modes  # noqa: E402  pylint: disable=wrong-import-position
+from train.run import Run, UserError  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = train_flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Errors that end the program with their message and exit status 1, without a traceback.
+STOPPING_ERRORS = (UserError, callbacks.NonFiniteLossError, checkpoints.PoisonedWeightsError)
+
+
+def configure_devices(num_cpu_devices):
+  """Splits the CPU into logical devices (before TensorFlow initialises its devices)."""
+  if num_cpu_devices > 1:
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+
+
+def quiet_library_info():
+  """Keeps the INFO records of libraries (one per checkpoint shard, ...) out of the log: INFO
+  shows only from this project's packages, warnings and errors from everywhere."""
+  ours = tuple(os.path.join(ROOT, package, '') for package in ('train', 'tfflows', 'bijectors'))
+
+  def keep(record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(ours)
+  logging.get_absl_handler().addFilter(keep)
+  std_logging.getLogger('tensorflow').setLevel(std_logging.WARNING)
+
+
+def main(argv):
+  quiet_library_info()
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments (not flags): {" ".join(argv[1:])}')
+  configure_devices(FLAGS.num_cpu_devices)
+  run = Run.from_flags(FLAGS, modes.MODES, modes.TRAINING_MODES)
+  keras.utils.set_random_seed(FLAGS.seed)
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  try:
+    for mode in run.modes:
+      logging.info('--mode=%s in %s', mode, run.workdir)
+      modes.MODES[mode](run)
+  except STOPPING_ERRORS as error:
+    logging.error('%s', error)
+    sys.exit(f'train.main: {error}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,226 @@
+"""The run: checked flag values, the model config, the workdir, and what every mode shares.
+
+``Run.from_flags`` turns parsed absl flags into a Run or raises ``app.UsageError`` naming the
+flag (or pair of flags) at fault; modes take a Run and use its helpers for datasets and for the
+model restored from a checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import logging
+
+import tfflows
+from tfflows.data import pipeline
+from train import checkpoints
+from train import flags as train_flags
+
+CONFIG_JSON = 'config.json'
+FLAGS_TXT = 'flags.txt'
+
+
+def say(message, *args):
+  """Prints the figures a user wants to see (stdout; the log goes to stderr)."""
+  print(message % args if args else message, flush=True)
+
+
+class UserError(Exception):
+  """A problem the user can fix (missing data or checkpoint, bad workdir): message, no trace."""
+
+
+@dataclasses.dataclass
+class Run:
+  flags: object  # the parsed absl FlagValues
+  config: tfflows.FlowConfig
+  workdir: str
+  modes: list
+  jit_compile: bool
+  temperatures: list
+  _models: dict = dataclasses.field(default_factory=dict)
+
+  # ------------------------------------------------------------------------------ creation
+  @classmethod
+  def from_flags(cls, flag_values, known_modes, trains=('train',)):
+    """Checks the flags; raises app.UsageError naming the flag at fault."""
+    f = flag_values
+    if not f.workdir:
+      raise app.UsageError('--workdir is required: the directory of the run.')
+    modes = [m.strip() for m in f.mode.split(',') if m.strip()]
+    unknown = [m for m in modes if m not in known_modes]
+    if not modes or unknown:
+      raise app.UsageError(f'--mode={f.mode}: unknown mode {", ".join(unknown) or "(empty)"}; '
+                           f'known modes: {", ".join(known_modes)}.')
+    config = _flow_config(f)
+    workdir = os.path.abspath(f.workdir)
+    _check_workdir_config(workdir, config)
+    run = cls(flags=f, config=config, workdir=workdir, modes=modes,
+              jit_compile=_jit_compile(f), temperatures=[float(t) for t in f.temperatures])
+    run._check_checkpoint_exists(trains)
+    _check_combinations(f)
+    return run
+
+  def _check_checkpoint_exists(self, trains):
+    """A mode that reads a checkpoint before any training mode in --mode needs one now."""
+    for mode in self.modes:
+      if mode in trains:
+        return
+      if checkpoints.resolve(self.workdir, self.flags.checkpoint) is None:
+        raise app.UsageError(
+            f'--mode={mode} needs a trained model but --checkpoint={self.flags.checkpoint} '
+            f'finds no checkpoint in --workdir={self.workdir}; train first (--mode=train,{mode})'
+            ' or pass --checkpoint=PATH.')
+
+  # ------------------------------------------------------------------------------ numbers
+  @property
+  def eval_batch_size(self):
+    return self.flags.eval_batch_size or self.flags.batch_size
+
+  @property
+  def num_train(self):
+    return pipeline.dataset_info(self.flags.dataset)[1]
+
+  @property
+  def steps_per_epoch(self):
+    """--steps_per_epoch, or training images // batch_size (at least 1)."""
+    return self.flags.steps_per_epoch or max(1, self.num_train // self.flags.batch_size)
+
+  def path(self, *parts):
+    return os.path.join(self.workdir, *parts)
+
+  # ----------------------------------------------------------------------------- datasets
+  def train_dataset(self, seed):
+    """Shuffled, augmented, repeated uint8 batches of the training split."""
+    f = self.flags
+    augment = (['flip'] if f.flip else []) + (['translate'] if f.translate_pixels else [])
+    return self._dataset('train', f.batch_size, shuffle=True, augment=augment,
+                         translate_pixels=f.translate_pixels, deterministic=f.deterministic,
+                         seed=seed)
+
+  def test_dataset(self, drop_remainder=True):
+    """The first --eval_batches batches (all if 0) of the test split, in a fixed order."""
+    ds = self._dataset('test', self.eval_batch_size, shuffle=False, augment=(), repeat=False,
+                       drop_remainder=drop_remainder, deterministic=True, seed=self.flags.seed)
+    return ds.take(self.flags.eval_batches) if self.flags.eval_batches else ds
+
+  def images(self, split, n):
+    """The first n images (uint8 numpy) of a split in its fixed order."""
+    ds = self._dataset(split, n, shuffle=False, augment=(), repeat=False, drop_remainder=False,
+                       deterministic=True, seed=0)
+    return next(iter(ds)).numpy()
+
+  def image_batches(self, split, batch_size=1024):
+    """Every image of a split in its fixed order, as a stream of uint8 numpy batches."""
+    ds = self._dataset(split, batch_size, shuffle=False, augment=(), repeat=False,
+                       drop_remainder=False, deterministic=True, seed=0)
+    return ds.as_numpy_iterator()
+
+  def all_images(self, split):
+    """Every image of a split as one uint8 numpy array."""
+    return np.concatenate(list(self.image_batches(split)))
+
+  def _dataset(self, split, batch_size, **kwargs):
+    try:
+      return pipeline.make_dataset(self.flags.dataset, split, batch_size,
+                                   data_dir=self.flags.data_dir, **kwargs)
+    except FileNotFoundError as error:
+      raise UserError(f'--dataset={self.flags.dataset}: data not found. {error}') from None
+
+  # -------------------------------------------------------------------------------- model
+  def load_model(self, which=None):
+    """(model, checkpoint prefix): the model built from the flags, restored from the
+    checkpoint --checkpoint names (cached per checkpoint within one invocation)."""
+    which = which or self.flags.checkpoint
+    prefix = checkpoints.resolve(self.workdir, which)
+    if prefix is None:
+      raise UserError(f'--checkpoint={which}: no checkpoint found in {self.workdir}.')
+    if prefix not in self._models:
+      model = tfflows.build_model(self.config)
+      checkpoints.restore_model(model, prefix)
+      logging.info('restored the model of %s', prefix)
+      self._models = {prefix: model}
+    return self._models[prefix], prefix
+
+  def write_workdir_config(self):
+    """Writes config.json (the model) once and flags.txt (this invocation's flags)."""
+    os.makedirs(self.workdir, exist_ok=True)
+    if not os.path.exists(self.path(CONFIG_JSON)):
+      checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
+    with open(self.path(FLAGS_TXT), 'w', encoding='utf-8') as out:
+      out.write(self.flags.flags_into_string())
+
+
+# ------------------------------------------------------------------------------- checks
+def _flow_config(f):
+  """The FlowConfig of the model flags; image_shape defaults to the dataset's."""
+  values = train_flags.model_field_values(f)
+  shape = pipeline.dataset_info(f.dataset)[0]
+  if not values['image_shape']:
+    values['image_shape'] = tuple(shape)
+  elif tuple(values['image_shape']) != tuple(shape):
+    raise app.UsageError(f'--image_shape={",".join(map(str, values["image_shape"]))} does not '
+                         f'match --dataset={f.dataset}, whose images are '
+                         f'{",".join(map(str, shape))}.')
+  try:
+    return tfflows.FlowConfig(**values)
+  except ValueError as error:
+    raise app.UsageError(f'model flags: {error}') from None
+
+
+def _check_workdir_config(workdir, config):
+  """The model flags must describe the model already in the workdir, if any."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    stored = json.load(f)
+  current = config.to_dict()
+  differ = [f'--{train_flags.model_flag_name(k)}={_show(current[k])} (workdir: {_show(v)})'
+            for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+  if differ:
+    raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
+                         f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '
+                         'with, or a new --workdir.')
+
+
+def _norm(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _show(value):
+  return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _jit_compile(f):
+  """jit_compile, turned off under a distribution strategy unless asked for explicitly."""
+  if f.strategy == 'default' or not f.jit_compile:
+    return f.jit_compile
+  if f['jit_compile'].present:
+    raise app.UsageError(f'--strategy={f.strategy} cannot be combined with --jit_compile: Keras '
+                         'XLA-compiles the whole multi-replica step, and XLA cannot use '
+                         'variables placed on other devices. Drop --jit_compile (it is then off '
+                         'for this strategy) or pass --nojit_compile.')
+  logging.info('--strategy=%s: jit_compile off (XLA cannot compile a multi-replica step).',
+               f.strategy)
+  return False
+
+
+def _check_combinations(f):
+  if f.mixed_precision and not tf.config.list_physical_devices('GPU'):
+    raise app.UsageError('--mixed_precision needs a GPU: this machine has none (float16 on CPU '
+                         'is emulated and slower than float32). Drop --mixed_precision.')
+  if f.strategy == 'multiworker' and not os.environ.get('TF_CONFIG'):
+    logging.warning('--strategy=multiworker without TF_CONFIG: a single worker.')
+  if f.num_cpu_devices > 1 and tf.config.list_physical_devices('GPU') and \
+      f.strategy == 'mirrored':
+    logging.warning('--num_cpu_devices with GPUs present: MirroredStrategy uses the GPUs.')
+  if f.init_from and os.path.abspath(f.init_from).rstrip('/') in (
+      os.path.abspath(f.workdir), os.path.join(os.path.abspath(f.workdir), 'checkpoints')):
+    raise app.UsageError('--init_from names --workdir itself; rerunning resumes anyway. Give '
+                         'the workdir of the run to fine-tune from.')
+  if f.init_from and checkpoints.find_checkpoint(f.init_from) is None:
+    raise app.UsageError(f'--init_from={f.init_from}: no checkpoint there (give a workdir, '
+                         'WORKDIR/best, or a checkpoint prefix).')
