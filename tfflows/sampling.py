@@ -66,6 +66,7 @@ def save_image_grid(images, path, nrow=None, padding=2, pad_value=0):
   try:
     with os.fdopen(fd, 'wb') as f:
       picture.save(f, format='PNG')
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; an image is for everyone to read
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

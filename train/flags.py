@@ -146,7 +146,8 @@ MODEL_HELP = {
     'res_blocks': 'RealNVP / LCMA: residual blocks per coupling network.',
     'base_width': 'RealNVP / LCMA: coupling network width at the first scale.',
     'logit_alpha': 'RealNVP / LCMA: alpha of the logit preprocessing.',
-    'split': 'RealNVP factoring out: static, random, lcma, lcma_reverse.',
+    'split': 'Factoring out at the splits (RealNVP, Glow): static, random, lcma, lcma_reverse, '
+             'or none (LCMA phase 1: no factoring out).',
     'lcma_masks': 'LCMA: the permutation file written by the LCMA analysis.',
     'block_conf': 'DenseFlow: units per dense block.',
     'layers_conf': 'DenseFlow: flow steps per unit in each block.',

@@ -7,12 +7,15 @@ with none. Interpolations work the same way: ``INTERPOLATIONS['name'] = fn`` wit
 ``fn(model, images_a, images_b, steps) -> uint8 [pairs, steps, H, W, C]``.
 """
 
+import json
 import math
 import os
 import time
 
 import numpy as np
 from absl import logging
+
+import tfflows
 
 from train import checkpoints
 from train import trainer
@@ -174,6 +177,28 @@ def run_export(run):
   return export_dir
 
 
+# ------------------------------------------------------------------------------ LCMA analysis
+def run_lcma_analyze(run):
+  """LCMA phase 2: from the no-split RealNVP pre-trained in --init_from, the per-dimension
+  log-det contributions over the training split, written as the masks file --lcma_masks
+  (default WORKDIR/lcma_masks.npz) that phase 3 (split=lcma|lcma_reverse|random) builds from."""
+  from tfflows import lcma  # pylint: disable=import-outside-toplevel
+  f = run.flags
+  if not f.init_from:
+    raise UserError('--mode=lcma_analyze needs --init_from=WORKDIR of the model pre-trained '
+                    'with --split=none.')
+  with open(os.path.join(f.init_from, 'config.json')) as config_file:
+    pre_config = tfflows.FlowConfig.from_dict(json.load(config_file))
+  prefix = checkpoints.find_checkpoint(f.init_from)
+  output = os.path.abspath(f.lcma_masks or run.path(lcma.MASKS_NAME))
+  path, contributions = lcma.run_lcma_analyze(
+      pre_config, lambda model: checkpoints.restore_model(model, prefix),
+      run.image_batches('train', run.eval_batch_size), output, source=prefix)
+  say(lcma.describe(contributions))
+  say('LCMA masks written to %s', path)
+  return path
+
+
 MODES = {
     'train': trainer.run_train,
     'eval': run_eval,
@@ -181,5 +206,7 @@ MODES = {
     'interpolate': run_interpolate,
     'export': run_export,
     'memorization': run_memorization,
+    'lcma_analyze': run_lcma_analyze,
 }
-TRAINING_MODES = ('train',)  # modes that write checkpoints rather than read them
+# Modes that need no checkpoint in --workdir (they write one, or read --init_from's).
+TRAINING_MODES = ('train', 'lcma_analyze')
