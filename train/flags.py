@@ -112,8 +112,9 @@ flags.DEFINE_integer('num_samples', 64, 'Images in each sample grid (TensorBoard
 flags.DEFINE_list('temperatures', ['1.0', '0.8'], 'Sampling temperatures: one grid each (the '
                   'DenseFlow figures use 0.8).')
 flags.DEFINE_string('interpolation', 'linear', 'Interpolation in latent space for '
-                    '--mode=interpolate: linear (or one registered in train/modes.py '
-                    'INTERPOLATIONS).')
+                    '--mode=interpolate: linear, or mar (mAR-SCF: the path optimised to stay in '
+                    'high-density regions of the prior; see tfflows/interpolation.py), or one '
+                    'registered in train/modes.py INTERPOLATIONS.')
 flags.DEFINE_integer('interpolation_steps', 8, 'Images per interpolation path, end points '
                      'included.', lower_bound=2)
 flags.DEFINE_integer('interpolation_pairs', 8, 'Pairs of test images to interpolate between.',

@@ -77,7 +77,14 @@ def _linear(model, images_a, images_b, steps):
   return sampling.linear_interpolation(model, images_a, images_b, steps)
 
 
-INTERPOLATIONS = {'linear': _linear}
+def _mar(model, images_a, images_b, steps):
+  """mAR-SCF's high-density interpolation (tfflows.interpolation; Adamax lr 5e-2, 100
+  iterations, lambda1 = lambda2 = 0.3). Needs a model with a prior over latents (any model)."""
+  from tfflows import interpolation  # pylint: disable=import-outside-toplevel
+  return interpolation.mar_interpolation(model, images_a, images_b, steps)
+
+
+INTERPOLATIONS = {'linear': _linear, 'mar': _mar}
 
 
 def run_interpolate(run):
