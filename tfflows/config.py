@@ -48,6 +48,7 @@ class FlowConfig:
   num_landmarks: int = 4
   pinv_iterations: int = 6
   dequantization: str = 'uniform'   # uniform | variational
+  conditioner_precision: str = 'float32'  # DenseFlow networks compute in float32|bfloat16|float16
 
   # mAR-SCF prior and MixLogCDF couplings.
   mar_hidden: int = 32
