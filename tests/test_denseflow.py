@@ -425,3 +425,17 @@ def test_tiny_denseflow_trains_on_embedded_data_and_exports(tmp_path):
 
 def test_variational_denseflow_exports_with_identical_numbers(tiny, tmp_path):
   _assert_export_agrees(tiny, _images(4, seed=9), tmp_path / 'export' / '1')
+
+
+def test_benchmark_program_reports_every_part():
+  """train.benchmark runs its three parts on a tiny DenseFlow (the figures themselves are
+  measured with the program, not here)."""
+  from train import benchmark   # pylint: disable=import-outside-toplevel
+  config = tfflows.FlowConfig(**{**TINY, 'dequantization': 'uniform'})
+  rows, info = benchmark.run_benchmark(config, batch_size=2, parts=('train', 'eval', 'sample'),
+                                       steps=1, warmup=1, jit_compile=False)
+  assert [r[0] for r in rows] == ['train', 'eval', 'sample']
+  assert info['parameters'] == denseflow.parameter_count(config)['total']
+  for _, rate, seconds, peak_rss, tensor_peak in rows:
+    assert rate > 0 and seconds > 0 and peak_rss > 0 and tensor_peak > 0
+  assert 'tensor peak GB' in benchmark.format_table(rows)

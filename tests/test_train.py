@@ -22,10 +22,12 @@ from absl import flags
 from PIL import Image
 
 import tfflows
+from tfflows.models import denseflow
 from train import callbacks
 from train import checkpoints
 from train import main as train_main
 from train import modes
+from train import run as run_module
 from train import schedule
 from train import trainer
 from train.flags import FLAGS
@@ -400,3 +402,18 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_pa
   result = _cli(f'--workdir={tmp_path}', '--epochs=0', '--steps_per_epoch=400', '--mode=train')
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from {tmp_path}/checkpoints/ckpt-{latest}' in result.stderr
+
+
+@pytest.mark.parametrize('name', sorted(os.path.basename(p)[:-len('.flags')] for p in
+                                        glob.glob(os.path.join(ROOT, 'configs', '*.flags'))))
+def test_every_flagfile_parses_into_a_valid_model_config(name):
+  """Each configs/*.flags parses with the program's flags and gives a valid FlowConfig (the
+  model's own checks included), without building the model."""
+  FLAGS.unparse_flags()
+  try:
+    FLAGS(['train.main', f'--flagfile={os.path.join(ROOT, "configs", name + ".flags")}'])
+    config = run_module._flow_config(FLAGS)   # pylint: disable=protected-access
+  finally:
+    FLAGS.unparse_flags()
+  if config.model == 'denseflow':
+    assert denseflow.parameter_count(config)['total'] > 0   # validates the block structure

@@ -17,9 +17,19 @@ measured. For each part, after ``--warmup`` untimed calls (the first one traces 
              inverse flow) as one ``tf.function`` with the same ``jit_compile``.
 
 Each timed part runs ``--steps`` calls and reads the result back to the host once at the end.
-Peak memory is the process's resident-set high-water mark (``resource.getrusage``), read after
-each part, so each row shows the peak so far. The load average of the machine is printed before
-and after: the figures are only comparable on a quiet machine.
+Two memory figures per part:
+
+    peak RSS     the process's resident-set high-water mark (``resource.getrusage``) read after
+                 the part: everything the process holds, so each row shows the peak so far. It
+                 includes TensorFlow itself (the RSS right after ``import tensorflow`` is printed
+                 as the baseline), the traced Python graph and the instantiated kernels.
+    tensor peak  the peak of the bytes TensorFlow's allocator held for tensors during the part
+                 (``tf.config.experimental.get_memory_info``, reset before each part) on the
+                 device the part ran on: weights, optimizer slots, activations, gradients; the
+                 counterpart of ``torch.cuda.max_memory_allocated``.
+
+The load average of the machine is printed before and after: the figures are only comparable on
+a quiet machine.
 """
 
 import os
@@ -31,6 +41,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+
+RSS_AFTER_IMPORT_GB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -38,6 +50,7 @@ import tfflows  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows.models.flow_model import to_images  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402  pylint: disable=wrong-import-position
+from train import trainer  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 PARTS = ('train', 'eval', 'sample')
@@ -53,6 +66,27 @@ def peak_memory_gb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def _device():
+  return 'GPU:0' if tf.config.list_logical_devices('GPU') else 'CPU:0'
+
+
+def reset_tensor_peak():
+  """Starts a new tensor-memory peak on the device the parts run on."""
+  try:
+    tf.config.experimental.reset_memory_stats(_device())
+  except ValueError:   # allocator statistics are off (e.g. TF_ENABLE_ONEDNN_OPTS=0 on CPU)
+    pass
+
+
+def tensor_peak_gb():
+  """Peak bytes the device's allocator held for tensors since the last reset, in GB (NaN
+  when the allocator keeps no statistics)."""
+  try:
+    return tf.config.experimental.get_memory_info(_device())['peak'] / 1e9
+  except ValueError:
+    return float('nan')
+
+
 def build_config(flag_values):
   """The FlowConfig of the model flags; image_shape defaults to the dataset's."""
   values = train_flags.model_field_values(flag_values)
@@ -63,6 +97,7 @@ def build_config(flag_values):
 
 def _timed(fn, args, warmup, steps):
   """Seconds per call of fn(*args) after warm-up; one host read-back at the end."""
+  reset_tensor_peak()
   out = None
   for _ in range(warmup):
     out = fn(*args)
@@ -74,15 +109,10 @@ def _timed(fn, args, warmup, steps):
   return (time.perf_counter() - start) / steps
 
 
-def _optimizer(name, learning_rate):
-  if name == 'adam':
-    return keras.optimizers.Adam(learning_rate)
-  return keras.optimizers.Adamax(learning_rate)
-
-
 def run_benchmark(config, batch_size, parts, steps, warmup, jit_compile, optimizer='adamax',
                   learning_rate=1e-3, seed=0):
-  """Returns (rows, info): rows of (part, images/s, seconds per call, peak GB so far)."""
+  """Returns (rows, info): rows of (part, images/s, seconds per call, peak RSS GB so far,
+  tensor peak GB of the part)."""
   keras.utils.set_random_seed(seed)
   start = time.perf_counter()
   model = tfflows.build_model(config)
@@ -94,28 +124,29 @@ def run_benchmark(config, batch_size, parts, steps, warmup, jit_compile, optimiz
                        tf.float32)
   rows = []
   if 'train' in parts:
-    model.compile(_optimizer(optimizer, learning_rate), jit_compile=jit_compile)
+    model.compile(trainer.make_optimizer(optimizer, learning_rate), jit_compile=jit_compile)
     model.optimizer.build(model.trainable_variables)
     step = tf.function(model.train_step, jit_compile=jit_compile)
     seconds = _timed(step, (images,), warmup, steps)
-    rows.append(('train', batch_size / seconds, seconds, peak_memory_gb()))
+    rows.append(('train', batch_size / seconds, seconds, peak_memory_gb(), tensor_peak_gb()))
   if 'eval' in parts:
     evaluate = tf.function(lambda x: model.estimate_log_prob(x, 1), jit_compile=jit_compile,
                            autograph=False)
     seconds = _timed(evaluate, (images,), warmup, steps)
-    rows.append(('eval', batch_size / seconds, seconds, peak_memory_gb()))
+    rows.append(('eval', batch_size / seconds, seconds, peak_memory_gb(), tensor_peak_gb()))
   if 'sample' in parts:
     sample = tf.function(lambda seed: to_images(model.sample_values(batch_size, 1.0, seed)),
                          jit_compile=jit_compile, autograph=False)
     seconds = _timed(sample, (tf.constant([seed, 1], tf.int32),), warmup, steps)
-    rows.append(('sample', batch_size / seconds, seconds, peak_memory_gb()))
+    rows.append(('sample', batch_size / seconds, seconds, peak_memory_gb(), tensor_peak_gb()))
   return rows, info
 
 
 def format_table(rows):
-  lines = [f'{"part":<8} {"images/s":>10} {"s/call":>9} {"peak RSS GB":>12}']
-  for part, rate, seconds, peak in rows:
-    lines.append(f'{part:<8} {rate:>10.2f} {seconds:>9.3f} {peak:>12.2f}')
+  lines = [f'{"part":<8} {"images/s":>10} {"s/call":>9} {"peak RSS GB":>12} '
+           f'{"tensor peak GB":>15}']
+  for part, rate, seconds, peak, tensors in rows:
+    lines.append(f'{part:<8} {rate:>10.2f} {seconds:>9.3f} {peak:>12.2f} {tensors:>15.2f}')
   return '\n'.join(lines)
 
 
@@ -131,9 +162,11 @@ def main(argv):
                              FLAGS.jit_compile, FLAGS.optimizer, FLAGS.learning_rate, FLAGS.seed)
   load_after = os.getloadavg()
   print(f'model={config.model} image_shape={config.image_shape} batch_size={FLAGS.batch_size} '
-        f'jit_compile={FLAGS.jit_compile} steps={FLAGS.steps} warmup={FLAGS.warmup}')
-  print(f'trainable parameters: {info["parameters"]:,}; build {info["build_s"]:.1f} s, '
-        f'peak RSS after build {info["peak_after_build_gb"]:.2f} GB')
+        f'conditioner_precision={config.conditioner_precision} jit_compile={FLAGS.jit_compile} '
+        f'steps={FLAGS.steps} warmup={FLAGS.warmup}')
+  print(f'trainable parameters: {info["parameters"]:,}; build {info["build_s"]:.1f} s; '
+        f'peak RSS after import tensorflow {RSS_AFTER_IMPORT_GB:.2f} GB, after build '
+        f'{info["peak_after_build_gb"]:.2f} GB')
   print(f'TF threads: intra-op {tf.config.threading.get_intra_op_parallelism_threads()} '
         f'inter-op {tf.config.threading.get_inter_op_parallelism_threads()} '
         f'(0: all cores); CPUs: {os.cpu_count()}')

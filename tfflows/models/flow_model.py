@@ -228,9 +228,11 @@ class FlowModel(keras.Model):
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
-    # A NaN or Inf loss would poison the weights: skip the update (the trainer reports it).
+    # A NaN or Inf loss or gradient would poison the weights: the step's gradients become zeros
+    # (the weights stay finite; Adam-type optimizers still move them by their decayed moments)
+    # and the trainer reports it. One broadcasting select per gradient.
     finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
-    grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+    grads = [tf.where(finite, g, tf.constant(0., g.dtype)) for g in grads]
     self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
     self.bpd_tracker.update_state(bpd)
     self.grad_norm_tracker.update_state(grad_norm)

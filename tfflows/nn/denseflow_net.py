@@ -9,7 +9,10 @@ For an input x [B, H, W, C_in] and width w:
     y = zero_conv1x1(conv1x1(u) -> w) -> out_channels
 
 The final 1x1 conv has zero kernel and bias, so y == 0 at initialisation and the coupling it
-drives starts as the identity. Batch norm follows Keras' ``training`` argument.
+drives starts as the identity. Batch norm follows Keras' ``training`` argument, with PyTorch's
+defaults (the official model is PyTorch): running statistics updated with weight 0.1 per batch,
+i.e. Keras momentum 0.9, and epsilon 1e-5. Keras' own momentum 0.99 leaves the statistics used
+for evaluation hundreds of steps behind early in training.
 
 Parameter count with the defaults (w = 48, 7 layers, growth 64, embed 24), C_in = 6,
 out_channels = 12: 1,569,956, of which the dense block is 1,487,696 (95%; its 3x3 convs alone
@@ -46,7 +49,7 @@ class DenseFlowConditioner(keras.layers.Layer):
     self.attention = NystromAttention(self.attention_embed, num_landmarks=self.num_landmarks,
                                       pinv_iterations=self.pinv_iterations,
                                       output_channels=self.width, name='attention')
-    self.norm = keras.layers.BatchNormalization(name='batch_norm')
+    self.norm = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name='batch_norm')
     self.conv_mid = keras.layers.Conv2D(self.width, 1, name='conv_mid')
     self.conv_out = zero_conv1x1(self.out_channels, name='conv_out')
 
