@@ -125,6 +125,8 @@ class Checkpointer:
 
   def __init__(self, workdir, model, optimizer, keep, is_chief=True, worker_id=0):
     self.model = model
+    # Progress counters, not parameters: nothing trains them, and the tf.train.Checkpoint below
+    # saves and restores them by name (tests/test_train.py resumes from them).
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
     self.checkpoint = tf.train.Checkpoint(optimizer=optimizer, step=self.step, epoch=self.epoch,
