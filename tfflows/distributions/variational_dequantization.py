@@ -41,8 +41,6 @@ seed: a ``keras.random.SeedGenerator`` or a stateless [2] int seed (``tfflows.ra
 midpoint=True evaluates u = 1/2 (the bin centres) with its exact log q(1/2 | x), deterministic.
 """
 
-import contextlib
-
 import keras
 import tensorflow as tf
 
@@ -53,6 +51,7 @@ from bijectors.squeeze import squeeze, unsqueeze
 from tfflows import random
 from tfflows.distributions.priors import DiagonalGaussianPrior
 from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
+from tfflows.nn.precision import dtype_policy_scope
 from tfflows.nn.zero_conv import zero_conv1x1
 
 
@@ -130,19 +129,6 @@ class DequantizationCouplingNet(keras.layers.Layer):
     return config
 
 
-@contextlib.contextmanager
-def _policy_scope(policy):
-  if policy is None:
-    yield
-    return
-  previous = keras.config.dtype_policy()
-  keras.config.set_dtype_policy(policy)
-  try:
-    yield
-  finally:
-    keras.config.set_dtype_policy(previous)
-
-
 class VariationalDequantizer(keras.layers.Layer):
   """q(u | x): a conditional flow from a learned Gaussian to (0, 1)^D (module docstring)."""
 
@@ -165,7 +151,7 @@ class VariationalDequantizer(keras.layers.Layer):
     self.base = DiagonalGaussianPrior(self.latent_shape, name='base')
     self.convs = [InvertibleConv1x1(channels, parameterization='plain', name=f'conv{k}')
                   for k in range(self.num_steps + 1)]
-    with _policy_scope(network_policy):
+    with dtype_policy_scope(network_policy):
       self.context_net = DequantizationContext(context_channels, context_depth, context_growth,
                                                num_bits, name='context')
       nets = [DequantizationCouplingNet(AffineCoupling.conditioner_channels(channels),

@@ -40,35 +40,23 @@ DF-74-10 with variational dequantization has 130,650,846 (the official model: 13
 which the official network omits).
 """
 
-import contextlib
 import math
-
-import keras
 
 import bijectors as fb
 from bijectors import cross_unit, multiscale
 from tfflows.distributions import dequantization, priors, variational_dequantization
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.denseflow_net import DenseFlowConditioner
+from tfflows.nn.precision import dtype_policy_scope
 
 
 PRECISIONS = {'float32': None, 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
 
 
-@contextlib.contextmanager
 def network_policy(config):
-  """Sets the Keras dtype policy of ``config.conditioner_precision`` while networks are created
-  and built (nothing for 'float32')."""
-  policy = PRECISIONS[config.conditioner_precision]
-  if policy is None:
-    yield
-    return
-  previous = keras.config.dtype_policy()
-  keras.config.set_dtype_policy(policy)
-  try:
-    yield
-  finally:
-    keras.config.set_dtype_policy(previous)
+  """The Keras dtype-policy scope of ``config.conditioner_precision`` for creating and building
+  networks (no change for 'float32')."""
+  return dtype_policy_scope(PRECISIONS[config.conditioner_precision])
 
 
 def flow_step(channels, width, config, name, spatial=None):
