@@ -62,7 +62,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -70,6 +69,7 @@ import tensorflow as tf
 import bijectors as fb
 from bijectors import ordered
 from bijectors import permute
+from tfflows import atomic
 from tfflows.config import FlowConfig
 
 FORMAT = 'tfflows-lcma-masks/1'
@@ -346,19 +346,7 @@ def write_masks(path, contributions, image_shape=None, metadata=None, seed=RANDO
       arrays[f'perm_{mode}_{s}'] = perm
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.lcma_masks.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(buffer.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic.write_bytes(path, buffer.getvalue())
 
 
 def load_masks(path):

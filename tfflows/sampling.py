@@ -11,13 +11,14 @@ of 64 x 64 ImageNet there), shown in a row beside the sample. A model that copie
 data shows near-zero distances and look-alike rows.
 """
 
+import io
 import math
-import os
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from tfflows import atomic
 
 
 # -- grids ---------------------------------------------------------------------------------------
@@ -56,22 +57,11 @@ def save_image_grid(images, path, nrow=None, padding=2, pad_value=0):
   """Writes ``image_grid(images, nrow, padding, pad_value)`` as a PNG, atomically (a temporary
   file in the same directory renamed over ``path``). Returns the grid array."""
   grid = image_grid(images, nrow, padding, pad_value)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid,
                             mode='L' if grid.shape[-1] == 1 else 'RGB')
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                             dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      picture.save(f, format='PNG')
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; an image is for everyone to read
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  encoded = io.BytesIO()
+  picture.save(encoded, format='PNG')
+  atomic.write_bytes(path, encoded.getvalue())
   return grid
 
 

@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tfflows import atomic
+
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
 BEST_JSON = 'best.json'
@@ -200,9 +202,4 @@ def read_best(path):
 
 def write_json(path, values):
   """Writes JSON atomically (temp file in the same directory, then os.replace)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temp = f'{path}.tmp-{os.getpid()}'
-  with open(temp, 'w', encoding='utf-8') as f:
-    json.dump(values, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(temp, path)
+  atomic.write_bytes(path, (json.dumps(values, indent=2, sort_keys=True) + '\n').encode('utf-8'))

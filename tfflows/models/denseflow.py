@@ -44,7 +44,8 @@ import math
 
 import bijectors as fb
 from bijectors import cross_unit, multiscale
-from tfflows.distributions import dequantization, priors, variational_dequantization
+from tfflows.distributions import dequantization, variational_dequantization
+from tfflows.models import glow
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.denseflow_net import DenseFlowConditioner
 from tfflows.nn.precision import dtype_policy_scope
@@ -151,18 +152,6 @@ def build_levels(config):
   return levels
 
 
-def build_priors(flow, config):
-  """Learned diagonal Gaussian on top; N(0, I) or Glow's learned prior for the splits."""
-  shapes = flow.latent_shapes
-  result = [priors.DiagonalGaussianPrior(shapes[0], name='prior_top')]
-  for k, shape in enumerate(shapes[1:], start=1):
-    if config.split_prior == 'learned':
-      result.append(priors.GlowSplitPrior(shape, name=f'prior_split{k}'))
-    else:
-      result.append(priors.StandardNormalPrior(shape, name=f'prior_split{k}'))
-  return result
-
-
 def build_dequantizer(config):
   if config.dequantization == 'variational':
     return variational_dequantization.VariationalDequantizer(
@@ -173,7 +162,7 @@ def build_dequantizer(config):
 
 def build(config):
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  return FlowModel(config, flow, build_priors(flow, config), build_dequantizer(config))
+  return FlowModel(config, flow, glow.split_priors(flow, config), build_dequantizer(config))
 
 
 # -- parameter count ------------------------------------------------------------------------
