@@ -29,6 +29,11 @@ Scale functions (log_scale from the conditioner's raw output):
 
 Conditional coupling: if the caller passes ``context=`` (a [B, H, W, K] tensor), the conditioner
 is called on concat([x_a, context], -1) instead of x_a.
+
+Parity as data: ``parity=`` given to a call (a scalar tensor, 0 or 1) overrides the coupling's
+own, so one coupling object can run couplings of either parity in a loop
+(``bijectors.repeated``). With a channel mask this needs an even C: parity 1 is then parity 0
+conjugated by swapping the halves, x_a = x[..., C/2:], x_b = x[..., :C/2].
 """
 
 import math
@@ -100,32 +105,32 @@ class AffineCoupling(base.FlowBijector):
     return self.conditioner_channels(self.channels, self.mask) // 2
 
   # -- forward / inverse --------------------------------------------------------------------
-  def _forward_and_log_det(self, x, context=None, **unused):
+  def _forward_and_log_det(self, x, context=None, parity=None, **unused):
     self._check_channels(x)
     if self.mask == 'channel':
-      x_a, x_b = self._split(x)
+      x_a, x_b = self._split(x, parity)
       shift, log_scale = self._shift_and_log_scale(x_a, context)
       y_b = x_b * tf.exp(log_scale) + shift
-      return self._merge(x_a, y_b), base.sum_event(log_scale)
-    b = self._checkerboard(x)
+      return self._merge(x_a, y_b, parity), base.sum_event(log_scale)
+    b = self._checkerboard(x, parity)
     shift, log_scale = self._shift_and_log_scale(x * b, context)
     y = b * x + (1. - b) * (x * tf.exp(log_scale) + shift)
     return y, base.sum_event((1. - b) * log_scale)
 
-  def _inverse_and_log_det(self, y, context=None, **unused):
+  def _inverse_and_log_det(self, y, context=None, parity=None, **unused):
     self._check_channels(y)
     if self.mask == 'channel':
-      y_a, y_b = self._split(y)
+      y_a, y_b = self._split(y, parity)
       shift, log_scale = self._shift_and_log_scale(y_a, context)
       x_b = (y_b - shift) * tf.exp(-log_scale)
-      return self._merge(y_a, x_b), -base.sum_event(log_scale)
-    b = self._checkerboard(y)
+      return self._merge(y_a, x_b, parity), -base.sum_event(log_scale)
+    b = self._checkerboard(y, parity)
     shift, log_scale = self._shift_and_log_scale(y * b, context)
     x = b * y + (1. - b) * ((y - shift) * tf.exp(-log_scale))
     return x, -base.sum_event((1. - b) * log_scale)
 
   # -- per-dimension log-det (LCMA) ---------------------------------------------------------
-  def forward_and_elementwise_log_det(self, x, context=None, **unused):
+  def forward_and_elementwise_log_det(self, x, context=None, parity=None, **unused):
     """Returns (y, e) with e [..., H, W, C] = log|dy_i/dx_i| for every dimension i.
 
     The Jacobian of a coupling is triangular (y_b depends on x_a, y_a = x_a), so its log|det|
@@ -135,11 +140,12 @@ class AffineCoupling(base.FlowBijector):
     """
     self._check_channels(x)
     if self.mask == 'channel':
-      x_a, x_b = self._split(x)
+      x_a, x_b = self._split(x, parity)
       shift, log_scale = self._shift_and_log_scale(x_a, context)
       y_b = x_b * tf.exp(log_scale) + shift
-      return self._merge(x_a, y_b), self._merge(tf.zeros_like(x_a), log_scale)
-    b = self._checkerboard(x)
+      return (self._merge(x_a, y_b, parity),
+              self._merge(tf.zeros_like(x_a), log_scale, parity))
+    b = self._checkerboard(x, parity)
     shift, log_scale = self._shift_and_log_scale(x * b, context)
     y = b * x + (1. - b) * (x * tf.exp(log_scale) + shift)
     return y, (1. - b) * log_scale
@@ -149,21 +155,39 @@ class AffineCoupling(base.FlowBijector):
     if x.shape[-1] != self.channels:
       raise ValueError(f'{self.name}: expected {self.channels} channels, got shape {x.shape}.')
 
-  def _split(self, x):
+  def _split(self, x, parity=None):
     """Channel mask: (x_a conditioning, x_b transformed)."""
     c1 = math.ceil(self.channels / 2)
     c2 = self.channels - c1
+    if parity is not None:   # a tensor: parity 1 is parity 0 on the swapped halves (C even)
+      x = self._swap_if(x, parity)
+      return x[..., :c1], x[..., c1:]
     if self.parity == 0:
       return x[..., :c1], x[..., c1:]
     return x[..., c2:], x[..., :c2]
 
-  def _merge(self, x_a, x_b):
+  def _merge(self, x_a, x_b, parity=None):
     """Inverse of ``_split``: every channel back in its place."""
+    if parity is not None:
+      return self._swap_if(tf.concat([x_a, x_b], axis=-1), parity)
     return tf.concat([x_a, x_b] if self.parity == 0 else [x_b, x_a], axis=-1)
 
-  def _checkerboard(self, x):
-    """b[h, w] = (h + w + parity) % 2 as a [H, W, 1] constant of x's dtype (1 = condition)."""
+  def _swap_if(self, x, parity):
+    """x with its channel halves swapped where the scalar tensor ``parity`` is 1."""
+    if self.channels % 2:
+      raise ValueError(f'{self.name}: a parity given as data needs an even channel count for a '
+                       f'channel mask, got {self.channels}.')
+    half = self.channels // 2
+    swapped = tf.concat([x[..., half:], x[..., :half]], axis=-1)
+    return tf.where(tf.cast(parity, tf.bool), swapped, x)
+
+  def _checkerboard(self, x, parity=None):
+    """b[h, w] = (h + w + parity) % 2 as a [H, W, 1] tensor of x's dtype (1 = condition)."""
     h, w = x.shape[-3], x.shape[-2]
+    if parity is not None:   # a tensor: b = |b_0 - parity|, exactly 0 or 1
+      b0 = tf.constant(((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2)[:, :, None],
+                       dtype=x.dtype)
+      return tf.abs(b0 - tf.cast(parity, x.dtype))
     b = (np.arange(h)[:, None] + np.arange(w)[None, :] + self.parity) % 2
     return tf.constant(b[:, :, None], dtype=x.dtype)
 

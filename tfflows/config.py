@@ -12,6 +12,11 @@ import dataclasses
 import json
 
 MODELS = ('glow', 'realnvp', 'denseflow', 'marscf')
+REMAT = ('none', 'step')
+PRECISIONS = ('auto', 'float32', 'bfloat16', 'float16')
+# Fields that change how a model computes but not its weights: a run may resume or be evaluated
+# with other values than it was trained with (train/run.py does not compare them).
+RUNTIME_FIELDS = ('remat', 'conditioner_precision')
 
 
 @dataclasses.dataclass
@@ -48,7 +53,7 @@ class FlowConfig:
   num_landmarks: int = 4
   pinv_iterations: int = 6
   dequantization: str = 'uniform'   # uniform | variational
-  conditioner_precision: str = 'float32'  # DenseFlow networks compute in float32|bfloat16|float16
+  conditioner_precision: str = 'auto'  # DenseFlow networks: auto|float32|bfloat16|float16
 
   # mAR-SCF prior and MixLogCDF couplings.
   mar_hidden: int = 32
@@ -57,6 +62,10 @@ class FlowConfig:
   dropout: float = 0.2
   attention_heads: int = 4
   coupling_blocks: int = 10         # MixLogCDF conditioner: gated conv + attention blocks
+
+  # Repeated flow steps (bijectors.repeated).
+  step_loop: bool = True            # run repeated steps as one loop over stacked weights
+  remat: str = 'none'               # none | step: recompute each step's activations in backprop
 
   def __post_init__(self):
     for name in ('image_shape', 'block_conf', 'layers_conf', 'layer_mid_channels'):
@@ -75,6 +84,11 @@ class FlowConfig:
     _one_of('split_prior', self.split_prior, ('learned', 'standard'))
     _one_of('split', self.split, ('static', 'random', 'lcma', 'lcma_reverse', 'none'))
     _one_of('dequantization', self.dequantization, ('uniform', 'variational'))
+    _one_of('remat', self.remat, REMAT)
+    _one_of('conditioner_precision', self.conditioner_precision, PRECISIONS)
+    if self.remat != 'none' and not self.step_loop:
+      raise ValueError(f'remat={self.remat!r} recomputes the steps of a loop: it needs '
+                       'step_loop=True.')
     if self.split in ('lcma', 'lcma_reverse') and not self.lcma_masks:
       raise ValueError(f'split={self.split} needs lcma_masks: the file written by '
                        '--mode=lcma_analyze.')

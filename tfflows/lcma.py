@@ -69,6 +69,7 @@ import tensorflow as tf
 import bijectors as fb
 from bijectors import ordered
 from bijectors import permute
+from bijectors import repeated
 from tfflows import atomic
 from tfflows.config import FlowConfig
 
@@ -92,13 +93,18 @@ def forward_and_elementwise_log_det(bijector, x, elementwise=None, **condition):
   bijector's rearrangements plus its own elementwise log-dets. sum over the event of e equals
   sum(elementwise) + bijector's forward log-det.
 
-  Supported: ``Chain``s of bijectors with a ``forward_and_elementwise_log_det`` method
+  Supported: ``Chain``s and ``Repeated`` steps of bijectors with a
+  ``forward_and_elementwise_log_det`` method
   (AffineCoupling, Logit, ToUnitInterval) and of fixed permutations (Squeeze, FlatPermutation
   and its subclasses, ChannelPermutation, ReverseChannels, SwapHalves). Anything else raises
   ValueError: a bijector that mixes dimensions (a 1x1 convolution) has no per-dimension log-det.
   """
   if elementwise is None:
     elementwise = tf.zeros_like(x)
+  if isinstance(bijector, repeated.Repeated):   # the steps in order, as a loop or unrolled
+    def step(b, carry, kwargs):
+      return forward_and_elementwise_log_det(b, *carry, **kwargs, **condition)
+    return bijector.scan(step, (x, elementwise))
   if isinstance(bijector, fb.Chain):
     for b in bijector.bijectors:
       x, elementwise = forward_and_elementwise_log_det(b, x, elementwise, **condition)
@@ -127,6 +133,8 @@ def origin_ids(bijector, event_shape):
 
 
 def _carry_ids(bijector, ids):
+  if isinstance(bijector, repeated.Repeated):
+    return bijector.scan(lambda b, carry, kwargs: _carry_ids(b, carry), ids)
   if isinstance(bijector, fb.Chain):
     for b in bijector.bijectors:
       ids = _carry_ids(b, ids)

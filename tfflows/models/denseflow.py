@@ -29,12 +29,19 @@ Levels of the ``MultiScaleFlow`` (DF-74-10 at 32x32x3; shapes [H, W, C]):
 The noise adds 14,720 dimensions at 32x32 (58,880 at 64x64); bits/dim counts image dimensions
 only.
 
-Precision: ``conditioner_precision='bfloat16'`` (CPUs with AVX512-BF16, TPUs) or ``'float16'``
-(GPUs) makes the networks -- coupling conditioners, cross-unit nets g_i, the dequantizer's context
-and coupling nets -- compute in that dtype (Keras mixed policies: float32 variables). Their
-outputs are cast to float32 before use, so the flow itself, every log-det, the noise densities and
-the priors stay float32, and the inverse stays exact (it recomputes the same network outputs from
-the same float32 inputs). The default 'float32' leaves the global Keras policy alone. ``parameter_count(config)`` gives the trainable-parameter breakdown analytically;
+Precision: ``conditioner_precision`` (``tfflows.nn.precision``): 'auto' (the default) makes the
+networks -- coupling conditioners, cross-unit nets g_i, the dequantizer's context and coupling
+nets -- compute in bfloat16 where the hardware does so natively (NVIDIA compute capability >= 8.0,
+CPUs with AVX512-BF16 or AMX) and in float32 elsewhere; 'bfloat16', 'float16' (GPUs) or
+'float32' force one (Keras mixed policies: float32 variables). Network outputs are cast to
+float32 before use, so the flow itself, every log-det, the noise densities and the priors stay
+float32, and the inverse stays exact (it recomputes the same network outputs from the same
+float32 inputs). The build logs the resolved precision; ``model.network_precision`` holds it.
+
+Steps: the steps of a unit run as one loop over stacked weights (``bijectors.repeated``;
+``step_loop=False``: unrolled, the reference), with ``remat='step'`` recomputing each step's
+activations in the backward pass. Units differ in their channel counts, so each is its own loop.
+``parameter_count(config)`` gives the trainable-parameter breakdown analytically;
 DF-74-10 with variational dequantization has 130,650,846 (the official model: 130,647,294; the
 3,552 difference is the bias of the 96 -> 48 1x1 conv in each of the 74 coupling networks,
 which the official network omits).
@@ -42,22 +49,21 @@ which the official network omits).
 
 import math
 
+from absl import logging
+
 import bijectors as fb
-from bijectors import cross_unit, multiscale
+from bijectors import cross_unit, multiscale, repeated
 from tfflows.distributions import dequantization, variational_dequantization
 from tfflows.models import glow
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.denseflow_net import DenseFlowConditioner
-from tfflows.nn.precision import dtype_policy_scope
-
-
-PRECISIONS = {'float32': None, 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
+from tfflows.nn import precision
 
 
 def network_policy(config):
-  """The Keras dtype-policy scope of ``config.conditioner_precision`` for creating and building
-  networks (no change for 'float32')."""
-  return dtype_policy_scope(PRECISIONS[config.conditioner_precision])
+  """The Keras dtype-policy scope of ``config.conditioner_precision`` (resolved for this
+  machine) for creating and building networks (no change for float32)."""
+  return precision.dtype_policy_scope(precision.network_policy_name(config.conditioner_precision))
 
 
 def flow_step(channels, width, config, name, spatial=None):
@@ -88,9 +94,15 @@ def dense_block(index, channels, spatial, config):
   units = []
   for u in range(num_units):
     c = channels + u * config.growth_rate
-    steps = [b for s in range(num_steps)
-             for b in flow_step(c, width, config, f'block{index}_unit{u}_step{s}', spatial)]
-    units.append(fb.Chain(steps, name=f'block{index}_unit{u}'))
+    name = f'block{index}_unit{u}'
+
+    def make_step(s, c=c, name=name):
+      return fb.Chain(flow_step(c, width, config, f'{name}_step{s}', spatial),
+                      name=f'{name}_step{s}')
+
+    units.append(repeated.Repeated(make_step, num_steps, event_shape=tuple(spatial) + (c,),
+                                   loop=config.step_loop, remat=config.remat == 'step',
+                                   name=name))
   with network_policy(config):
     block = cross_unit.CrossUnitBlock(units, channels, config.growth_rate, spatial,
                                       name=f'block{index}')
@@ -110,9 +122,7 @@ def validate(config):
                      f'and {config.layers_conf}.')
   if min(config.layer_mid_channels) < 1:
     raise ValueError(f'layer_mid_channels must be positive, got {config.layer_mid_channels}.')
-  if config.conditioner_precision not in PRECISIONS:
-    raise ValueError(f'conditioner_precision={config.conditioner_precision!r} is not one of '
-                     f'{", ".join(PRECISIONS)}.')
+  precision.resolve_precision(config.conditioner_precision)  # a clear error for a bad name
   if config.growth_rate < 1 and max(config.block_conf) > 1:
     raise ValueError(f'growth_rate must be >= 1 when a block has several units, '
                      f'got {config.growth_rate}.')
@@ -155,14 +165,20 @@ def build_levels(config):
 def build_dequantizer(config):
   if config.dequantization == 'variational':
     return variational_dequantization.VariationalDequantizer(
-        config.image_shape, network_policy=PRECISIONS[config.conditioner_precision],
+        config.image_shape,
+        network_policy=precision.network_policy_name(config.conditioner_precision),
         name='dequantizer')
   return dequantization.UniformDequantizer(name='dequantizer')
 
 
 def build(config):
+  resolved = precision.resolve_precision(config.conditioner_precision)
+  logging.info('DenseFlow networks compute in %s (conditioner_precision=%s)', resolved,
+               config.conditioner_precision)
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  return FlowModel(config, flow, glow.split_priors(flow, config), build_dequantizer(config))
+  model = FlowModel(config, flow, glow.split_priors(flow, config), build_dequantizer(config))
+  model.network_precision = resolved
+  return model
 
 
 # -- parameter count ------------------------------------------------------------------------

@@ -3,6 +3,9 @@
     x -> ToUnitInterval -> [ squeeze -> K x step -> split ]  x L levels (no split at the last)
     step = ActNorm -> invertible 1x1 conv (LU) -> affine coupling, scale = sigmoid(h + 2)
 
+The K steps of a level run as one loop over stacked weights (``bijectors.repeated``;
+config.step_loop=False unrolls them; config.remat='step' recomputes them in the backward pass).
+
 The split keeps the first half of the channels; the factored half has Glow's learned prior
 N(mu(r), sigma(r)) from a zero-initialised conv over the kept half r. The top latent has a
 learned per-channel Gaussian. Paper size for CIFAR-10: L = 3, K = 32, width 512.
@@ -16,7 +19,7 @@ so the per-dimension log-det is undefined). split='none' is not supported on Glo
 """
 
 import bijectors as fb
-from bijectors import multiscale
+from bijectors import multiscale, repeated
 from tfflows import lcma
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
@@ -54,8 +57,7 @@ def build_levels(config, step_fn=None, split_permutation=None):
     h, w, c = h // 2, w // 2, c * 4
     bijs = [fb.ToUnitInterval()] if i == 0 else []
     bijs.append(fb.Squeeze())
-    for k in range(config.steps_per_level):
-      bijs.extend(step_fn(c, f'level{i}_step{k}'))
+    bijs.append(repeated_steps(step_fn, config, (h, w, c), f'level{i}'))
     last = i == config.num_levels - 1
     if not last and split_permutation is not None:
       permutation = split_permutation(i, (h, w, c))
@@ -66,6 +68,16 @@ def build_levels(config, step_fn=None, split_permutation=None):
     if not last:
       c = keep
   return levels
+
+
+def repeated_steps(step_fn, config, shape, name):
+  """The K = config.steps_per_level steps of a level on [H, W, C] = shape: one loop over stacked
+  weights (``bijectors.repeated``), or unrolled with config.step_loop=False."""
+  def make_step(k):
+    return fb.Chain(step_fn(shape[-1], f'{name}_step{k}'), name=f'{name}_step{k}')
+  return repeated.Repeated(make_step, config.steps_per_level, event_shape=shape,
+                           loop=config.step_loop, remat=config.remat == 'step',
+                           name=f'{name}_steps')
 
 
 def split_priors(flow, config):

@@ -11,6 +11,11 @@
 Couplings use log-scale = s_c * tanh(h) and residual conditioners (batch norm, weight norm)
 with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
 
+Each group of alternating couplings is one loop over stacked weights (``bijectors.repeated``):
+the couplings of a group are the same function of their weights and their mask parity, so the
+parity is per-step data (0, 1, 0, ...) rather than looping over pairs, which would leave the odd
+third coupling of a group of 3 outside the loop. config.step_loop=False unrolls them.
+
 ``config.split`` chooses the permutation before each split (``tfflows.lcma``):
 
     static        none: the split keeps channels [:c/2] of the squeezed tensor (RealNVP)
@@ -24,7 +29,7 @@ with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
 """
 
 import bijectors as fb
-from bijectors import multiscale
+from bijectors import multiscale, repeated
 from tfflows import lcma
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
@@ -35,6 +40,17 @@ def coupling(channels, mask, parity, width, config, name):
   out = fb.AffineCoupling.conditioner_channels(channels, mask)
   net = ResNetConditioner(width, config.res_blocks, out, name=f'{name}_net')
   return fb.AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn='tanh', name=name)
+
+
+def couplings(shape, mask, count, width, config, name):
+  """``count`` couplings of alternating parity (0, 1, 0, ...) on [H, W, C] = shape, as one loop
+  over stacked weights whose per-step data is the parity (``bijectors.repeated``), or unrolled
+  with config.step_loop=False. Step k is named f'{name}{k}'."""
+  parities = [k % 2 for k in range(count)]
+  return repeated.Repeated(
+      lambda k: coupling(shape[-1], mask, parities[k], width, config, f'{name}{k}'), count,
+      event_shape=shape, loop=config.step_loop, remat=config.remat == 'step',
+      step_kwargs={'parity': parities}, name=name)
 
 
 def build_levels(config, split_permutation=None):
@@ -51,8 +67,8 @@ def build_levels(config, split_permutation=None):
     width = config.base_width * 2 ** s
     bijs = [fb.ToUnitInterval(), fb.Logit(config.logit_alpha)] if s == 0 else []
     last = s == config.num_scales - 1
-    for k in range(4 if last else 3):
-      bijs.append(coupling(c, 'checkerboard', k % 2, width, config, f'scale{s}_checker{k}'))
+    bijs.append(couplings((h, w, c), 'checkerboard', 4 if last else 3, width, config,
+                          f'scale{s}_checker'))
     if last:
       levels.append(multiscale.Level(fb.Chain(bijs, name=f'scale{s}')))
       break
@@ -61,8 +77,7 @@ def build_levels(config, split_permutation=None):
                        f'{2 ** (config.num_scales - 1)}; image_shape is {config.image_shape}.')
     bijs.append(fb.Squeeze())
     h, w, c = h // 2, w // 2, 4 * c
-    for k in range(3):
-      bijs.append(coupling(c, 'channel', k % 2, width, config, f'scale{s}_channel{k}'))
+    bijs.append(couplings((h, w, c), 'channel', 3, width, config, f'scale{s}_channel'))
     if split_permutation is not None:
       permutation = split_permutation(s, (h, w, c))
       if permutation is not None:
@@ -81,16 +96,15 @@ def build_unsplit_levels(config):
     width = config.base_width * 2 ** s
     bijs = [fb.ToUnitInterval(), fb.Logit(config.logit_alpha)] if s == 0 else []
     last = s == config.num_scales - 1
-    for k in range(4 if last else 3):
-      bijs.append(coupling(c, 'checkerboard', k % 2, width, config, f'scale{s}_checker{k}'))
+    bijs.append(couplings((h, w, c), 'checkerboard', 4 if last else 3, width, config,
+                          f'scale{s}_checker'))
     if not last:
       if h % 2 or w % 2:
         raise ValueError(f'{config.num_scales} scales need H and W divisible by '
                          f'{2 ** (config.num_scales - 1)}; image_shape is {config.image_shape}.')
       bijs.append(fb.Squeeze())
       h, w, c = h // 2, w // 2, 4 * c
-      for k in range(3):
-        bijs.append(coupling(c, 'channel', k % 2, width, config, f'scale{s}_channel{k}'))
+      bijs.append(couplings((h, w, c), 'channel', 3, width, config, f'scale{s}_channel'))
     scales.append(fb.Chain(bijs, name=f'scale{s}'))
   return [multiscale.Level(fb.Chain(scales, name='unsplit'))]
 

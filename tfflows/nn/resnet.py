@@ -102,14 +102,26 @@ def _keras_layers(obj, seen):
 
 
 def weight_norm_scales(layer_or_model):
-  """The g weights of every WeightNormConv2D inside ``layer_or_model`` (a Keras layer or model,
+  """The g weights of every WeightNormConv2D inside ``layer_or_model`` (stacked [K, filters]
+  for steps that run as a loop; a Keras layer or model,
   a tf.Module such as a bijector that holds layers, or a list of those), each once, in
   traversal order. Penalty: ``l2 * sum(tf.reduce_sum(tf.square(g)) for g in scales)``."""
   scales, seen_vars = [], set()
+
+  def add(g):
+    if id(g) not in seen_vars:
+      seen_vars.add(id(g))
+      scales.append(g)
+
   for layer in _keras_layers(layer_or_model, set()):
-    if isinstance(layer, WeightNormConv2D) and layer.built and id(layer.g) not in seen_vars:
-      seen_vars.add(id(layer.g))
-      scales.append(layer.g)
+    if isinstance(layer, WeightNormConv2D) and layer.built:
+      add(layer.g)
+    # Steps run as a loop (bijectors.repeated.StackedWeights): the stacked g [K, filters] of
+    # each template WeightNormConv2D, whose sum of squares is that of the K steps' g.
+    for template in getattr(layer, 'template_layers', ()):
+      for sub in template._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+        if isinstance(sub, WeightNormConv2D) and sub.built:
+          add(layer.stacked(sub.g))
   return scales
 
 

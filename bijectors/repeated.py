@@ -1,0 +1,445 @@
+"""K flow steps of one architecture run as one loop over stacked parameters.
+
+A multi-scale flow repeats one step architecture many times: K steps per Glow or mAR-SCF level,
+the steps of a DenseFlow unit, RealNVP's alternating couplings. Unrolled, every step is its own
+copy of the graph, so tracing, lowering and XLA's compile time and the host memory of the graph
+grow with K. ``Repeated`` runs the K steps as one ``tf.while_loop`` (XLA compiles its body once)
+whose body is one step, the *template*, evaluated with the parameters theta_k of step k:
+
+    forward:  x_0 = x,  x_{k+1} = f(x_k; theta_k)  for k = 0 .. K-1,  y = x_K
+              log|det dy/dx| = sum_k log|det df/dx (x_k; theta_k)|           (one pass)
+    inverse:  x_k = f^{-1}(x_{k+1}; theta_k)  for k = K-1 .. 0
+
+Stacked parameters. For every variable v of the template (the weights of its Keras layers and
+the states of their SeedGenerators, in Keras' traversal order), the Keras layer
+``StackedWeights`` owns one weight of shape [K, *v.shape] with v's dtype, trainable flag and
+aggregation. Its initial value is the stack of K independently built steps (``make_step(k)``
+for k = 0 .. K-1, built in that order), so each step starts from its own random initialisation
+exactly as in the unrolled flow (orthogonal 1x1 convolutions, dropout seeds, ...). The template
+is the step built first; its own variables are never read (a ``keras.StatelessScope`` maps
+each of them to its slice theta_k), and neither the template nor its layers belong to
+``self.layers``: models, checkpoints and optimizers see the stacked weights only.
+
+State updated by a step -- batch-norm moving statistics in training, dropout's seed state,
+and ActNorm's parameters and ``initialized`` flag during data-dependent initialisation
+(``bijectors.actnorm.data_initialization()``) -- is read from the scope after each step,
+collected per step, and assigned to the stacked weights after the loop, so step k + 1 runs on
+the output of the already updated step k, as in the unrolled flow.
+
+Per-step data: ``step_kwargs`` maps a keyword to K values; step k is called with the k-th
+(RealNVP's couplings alternate their mask: ``parity=[0, 1, 0]``).
+
+Rematerialisation (``remat=True``): the step's activations are not kept for the backward pass;
+each step is recomputed from its input and theta_k there (a ``tf.custom_gradient`` around the
+step), so the backward pass holds one step's activations plus the K step inputs. The gradients
+are the same. Keras' ``training`` mode of the forward pass is restored for the recomputation.
+
+``loop=False`` builds the K steps as separate bijectors run in order (a ``Chain``): the unrolled
+reference, whose variables are, in order, those of the checkpoints written before loops existed.
+``unrolled_variable_layout`` maps that layout onto the stacked one.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.layers.layer import CallContext
+
+from bijectors import base
+
+
+class _Hidden:
+  """Holds an object out of sight of Keras' and tf.Module's attribute tracking."""
+
+  __slots__ = ('value',)
+
+  def __init__(self, value):
+    self.value = value
+
+
+def step_variables(step):
+  """The variables of a step's Keras layers, each once, in Keras' traversal order (the order
+  of ``model.variables`` for these layers: each layer's weights, seed states, sublayers)."""
+  seen, result = set(), []
+  for layer in step.layers:
+    for v in layer.variables:
+      if id(v) not in seen:
+        seen.add(id(v))
+        result.append(v)
+  return result
+
+
+class StackedWeights(keras.layers.Layer):
+  """For every variable v of a template step, a weight [K, *v.shape] (see the module doc).
+
+  ``ordered`` lists the stacked weights in the template's variable order (``variables`` lists
+  Keras' order, trainable ones first); ``template_layers`` are the template's Keras layers
+  (not sublayers of this one); ``stacked(v)`` is the stacked weight of template variable v.
+  """
+
+  def __init__(self, template_variables, template_layers, initial_values, **kwargs):
+    super().__init__(**kwargs)
+    self.num_steps = int(initial_values[0].shape[0]) if initial_values else 0
+    ordered, by_id = [], {}
+    for j, (v, value) in enumerate(zip(template_variables, initial_values)):
+      w = self.add_weight(shape=value.shape, dtype=v.dtype, trainable=v.trainable,
+                          initializer='zeros', autocast=False,
+                          aggregation=getattr(v, 'aggregation', 'none'),
+                          name=f'{j}_{_short_path(v)}')
+      w.assign(value)
+      ordered.append(w)
+      by_id[id(v)] = w
+    self._hidden = _Hidden((tuple(ordered), by_id, tuple(template_layers)))
+
+  @property
+  def ordered(self):
+    return list(self._hidden.value[0])
+
+  @property
+  def template_layers(self):
+    return list(self._hidden.value[2])
+
+  def stacked(self, template_variable):
+    """The stacked weight [K, ...] of a template variable (KeyError if it has none)."""
+    return self._hidden.value[1][id(template_variable)]
+
+  def call(self, x):  # not used: the Repeated bijector reads the weights
+    return x
+
+
+def _short_path(v):
+  """A variable's path without the step's own layer prefix, as a weight name."""
+  parts = v.path.split('/')
+  return '.'.join(parts[1:] if len(parts) > 1 else parts)
+
+
+# -- Keras' training mode and ActNorm's data initialisation -------------------------------------
+def _current_training():
+  """The ``training`` value of the Keras call in progress (None outside any layer call)."""
+  context = global_state.get_global_attribute('current_call_ctx')
+  return None if context is None else context.get_value('training')
+
+
+@contextlib.contextmanager
+def _training_scope(training):
+  """Runs Keras layers called inside with ``training`` (as an outer layer call would); used
+  so that a step recomputed in the backward pass runs in its forward pass' mode."""
+  previous = global_state.get_global_attribute('current_call_ctx')
+  context = CallContext(entry_layer=None)
+  context.set_value('training', training)
+  global_state.set_global_attribute('current_call_ctx', context)
+  try:
+    yield
+  finally:
+    global_state.set_global_attribute('current_call_ctx', previous)
+
+
+def _in_data_initialization():
+  from bijectors import actnorm  # pylint: disable=import-outside-toplevel
+  probe = getattr(actnorm, 'in_data_initialization', None)
+  return bool(probe()) if probe is not None else False
+
+
+# -- the bijector ---------------------------------------------------------------------------------
+class Repeated(base.FlowBijector):
+  """K steps ``make_step(0) .. make_step(K-1)`` as one loop (or, loop=False, unrolled).
+
+  make_step(k): builds step k, a shape-preserving ``FlowBijector`` (name its layers after k);
+    every step must have the same variables (shapes and dtypes); in loop mode the steps
+    differ only by their parameters and ``step_kwargs``.
+  num_steps: K >= 1.
+  event_shape: (H, W, C) of the steps' input, used to build layers that build on first call
+    (one inverse pass on zeros, which leaves ActNorm uninitialised).
+  step_kwargs: {keyword: K values}: step k gets keyword=values[k] (loop mode only; unrolled
+    steps are built with their own values by make_step).
+  remat: recompute each step's activations in the backward pass (loop mode).
+  """
+
+  def __init__(self, make_step, num_steps, event_shape=None, loop=True, remat=False,
+               step_kwargs=None, name='repeated'):
+    num_steps = int(num_steps)
+    if num_steps < 1:
+      raise ValueError(f'{name}: num_steps must be >= 1, got {num_steps}.')
+    self.num_steps = num_steps
+    self.loop = bool(loop)
+    self.remat = bool(remat)
+    self.event_shape = None if event_shape is None else tuple(int(d) for d in event_shape)
+    self.step_kwargs = {k: np.asarray(v) for k, v in (step_kwargs or {}).items()}
+    for key, values in self.step_kwargs.items():
+      if values.shape[:1] != (num_steps,):
+        raise ValueError(f'{name}: step_kwargs[{key!r}] needs {num_steps} values (one a step), '
+                         f'got shape {values.shape}.')
+    if not self.loop:
+      self.steps = [make_step(k) for k in range(num_steps)]
+      layers = [l for s in self.steps for l in s.layers]
+      self._template = _Hidden(self.steps[0])
+      self.stacked = None
+    else:
+      self.steps = None
+      self.stacked = self._build_stacked(make_step, name)
+      layers = [self.stacked]
+    super().__init__(name=name, layers=layers)
+
+  # -- construction -------------------------------------------------------------------------
+  def _build_stacked(self, make_step, name):
+    """Builds the K steps in order, keeps the first as the template and stacks the values of
+    every variable into one ``StackedWeights`` layer."""
+    template = self._built(make_step(0))
+    variables = step_variables(template)
+    values = [np.empty((self.num_steps,) + tuple(v.shape), _np_dtype(v)) for v in variables]
+    for j, v in enumerate(variables):
+      values[j][0] = np.asarray(v.numpy())
+    for k in range(1, self.num_steps):
+      step_vars = step_variables(self._built(make_step(k)))
+      _check_same_variables(name, variables, step_vars, k)
+      for j, v in enumerate(step_vars):
+        values[j][k] = np.asarray(v.numpy())
+    self._template = _Hidden(template)
+    self._template_variables = _Hidden(tuple(variables))
+    return StackedWeights(variables, template.layers, values, name=f'{name}_steps')
+
+  def _built(self, step):
+    """The step with every Keras layer built (one inverse pass on zeros if needed)."""
+    unbuilt = [l for l in step.layers if not l.built]
+    if unbuilt:
+      if self.event_shape is None:
+        raise ValueError(f'{self.name}: layers {[l.name for l in unbuilt]} build on their first '
+                         'call; give Repeated the event_shape of the steps.')
+      step.inverse_and_log_det(tf.zeros((1,) + self.event_shape))
+    return step
+
+  # -- what the loop holds ------------------------------------------------------------------
+  @property
+  def template(self):
+    """The step whose ops the loop runs (its own variables are not the model's)."""
+    return self._template.value
+
+  @property
+  def template_variables(self):
+    return list(self._template_variables.value) if self.loop else step_variables(self.template)
+
+  def unrolled_variables(self):
+    """(stacked weight, k) for each variable of the unrolled layout, in its order: step 0's
+    variables in the template's order, then step 1's, ..."""
+    ordered = self.stacked.ordered
+    return [(w, k) for k in range(self.num_steps) for w in ordered]
+
+  # -- forward / inverse --------------------------------------------------------------------
+  def _forward_and_log_det(self, x, **condition):
+    return self._run(x, condition, inverse=False)
+
+  def _inverse_and_log_det(self, y, **condition):
+    return self._run(y, condition, inverse=True)
+
+  def _run(self, x, condition, inverse):
+    if not self.loop:
+      total = 0.
+      for step in (reversed(self.steps) if inverse else self.steps):
+        fn = step.inverse_and_log_det if inverse else step.forward_and_log_det
+        x, ldj = fn(x, **condition)
+        total = total + ldj
+      return x, total
+
+    def one_step(step, carry, kwargs):
+      h, total = carry
+      fn = step.inverse_and_log_det if inverse else step.forward_and_log_det
+      h, ldj = fn(h, **kwargs, **condition)
+      return h, total + ldj
+
+    zero = tf.zeros(tf.shape(x)[:-base.EVENT_NDIMS], x.dtype)
+    return self.scan(one_step, (x, zero), reverse=inverse, remat=self.remat)
+
+  def scan(self, fn, carry, reverse=False, remat=False):
+    """Runs carry = fn(step_k, carry, kwargs_k) for k = 0 .. K-1 (K-1 .. 0 with reverse) and
+    returns the final carry: the loop of the forward and inverse passes, for any per-step
+    computation (the LCMA analysis carries a per-dimension log-det map through it).
+
+    fn(step, carry, kwargs): step is step k (loop mode: the template with theta_k), kwargs the
+    k-th ``step_kwargs``; carry a structure of tensors whose shapes fn keeps.
+    """
+    if not self.loop:
+      order = range(self.num_steps)
+      for k in (reversed(order) if reverse else order):
+        kwargs = {key: values[k] for key, values in self.step_kwargs.items()}
+        carry = fn(self.steps[k], carry, kwargs)
+      return carry
+    return _StepLoop(self, fn, reverse, remat).run(carry)
+
+  # -- shapes (steps keep the shape) ---------------------------------------------------------
+  def _forward_event_shape(self, s):
+    return self.template.forward_event_shape(s)
+
+  def _inverse_event_shape(self, s):
+    return self.template.inverse_event_shape(s)
+
+  def _forward_event_shape_tensor(self, s):
+    return self.template.forward_event_shape_tensor(s)
+
+  def _inverse_event_shape_tensor(self, s):
+    return self.template.inverse_event_shape_tensor(s)
+
+
+class _StepLoop:
+  """One ``tf.while_loop`` over the steps of a loop-mode ``Repeated`` (see the module doc)."""
+
+  def __init__(self, repeated, fn, reverse, remat):
+    self.r = repeated
+    self.fn = fn
+    self.reverse = reverse
+    self.training = _current_training()
+    self.initializing = _in_data_initialization()
+    self.remat = remat and not self.initializing
+    self.variables = repeated.template_variables
+    self.weights = repeated.stacked.ordered
+    # Written back after the loop: the state a step may update (all variables while ActNorm
+    # initialises from data, which assigns trainable weights too).
+    self.carried = [j for j, v in enumerate(self.variables)
+                    if self.initializing or not v.trainable]
+    self.trainable = [j for j, v in enumerate(self.variables) if v.trainable]
+    self.updated = set()
+
+  def run(self, carry):
+    num = self.r.num_steps
+    values = [tf.convert_to_tensor(w) for w in self.weights]
+    data = {key: tf.constant(v) for key, v in self.r.step_kwargs.items()}
+    flat = tf.nest.flatten(carry)
+    if num == 1:   # one step: no loop to run (the same computation, without while-loop overhead)
+      h, new = self._step(flat, [v[0] for v in values],
+                          {key: v[0] for key, v in data.items()}, structure=carry)
+      for j, value in zip(self.carried, new):
+        if j in self.updated:
+          self.weights[j].assign(tf.cast(value, values[j].dtype)[None])
+      return tf.nest.pack_sequence_as(carry, list(h))
+
+    # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
+    # [K, ...] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
+    # written to slot k of the gradient's TensorArray.
+    arrays = [tf.TensorArray(v.dtype, size=num, element_shape=v.shape[1:]).unstack(v)
+              for v in values]
+    outs = [tf.TensorArray(values[j].dtype, size=num, element_shape=values[j].shape[1:])
+            for j in self.carried]
+
+    def body(i, *state):
+      k = num - 1 - i if self.reverse else i
+      h, outs = list(state[:len(flat)]), list(state[len(flat):])
+      theta = [a.read(k) for a in arrays]
+      kwargs = {key: tf.gather(v, k) for key, v in data.items()}
+      h, new = self._step(h, theta, kwargs, structure=carry)
+      outs = [o.write(k, tf.cast(n, o.dtype)) for o, n in zip(outs, new)]
+      return (i + 1, *h, *outs)
+
+    result = tf.while_loop(lambda i, *_: i < num, body, (tf.constant(0), *flat, *outs),
+                           maximum_iterations=num)
+    h, outs = result[1:1 + len(flat)], result[1 + len(flat):]
+    for j, out in zip(self.carried, outs):
+      if j in self.updated:
+        self.weights[j].assign(out.stack())
+    return tf.nest.pack_sequence_as(carry, list(h))
+
+  # -- one step -----------------------------------------------------------------------------
+  def _apply(self, h, theta, kwargs, structure):
+    """fn on the template with theta mapped onto its variables; returns (flat carry, new
+    values of the carried variables)."""
+    mapping = list(zip(self.variables, theta))
+    with _training_scope(self.training), keras.StatelessScope(mapping) as scope:
+      before = [scope.get_current_value(self.variables[j]) for j in self.carried]
+      out = self.fn(self.r.template, tf.nest.pack_sequence_as(structure, list(h)), kwargs)
+      new = []
+      for j, old in zip(self.carried, before):
+        value = scope.get_current_value(self.variables[j])
+        if value is not old:
+          self.updated.add(j)
+        new.append(value)
+    return tf.nest.flatten(out), new
+
+  def _step(self, h, theta, kwargs, structure):
+    if not self.remat:
+      return self._apply(h, theta, kwargs, structure)
+    n_h = len(h)
+    fixed = {j: theta[j] for j in range(len(theta)) if j not in self.trainable}
+
+    def full(t):
+      values = dict(fixed)
+      values.update(zip(self.trainable, t))
+      return [values[j] for j in range(len(theta))]
+
+    @tf.custom_gradient
+    def remat_step(*args):
+      h_in, t = list(args[:n_h]), list(args[n_h:])
+      out, new = self._apply(h_in, full(t), kwargs, structure)
+
+      def grad(*upstream):
+        upstream = [tf.zeros_like(o) if u is None else u
+                    for o, u in zip(out, upstream[:len(out)])]
+        with tf.GradientTape() as tape:
+          tape.watch(h_in + t)
+          again, _ = self._apply(h_in, full(t), kwargs, structure)
+        return tape.gradient(again, h_in + t, output_gradients=upstream,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+      return (*out, *[tf.stop_gradient(v) for v in new]), grad
+
+    result = remat_step(*h, *[theta[j] for j in self.trainable])
+    return list(result[:n_h]), list(result[n_h:])
+
+
+def _np_dtype(v):
+  return np.dtype(tf.as_dtype(v.dtype).as_numpy_dtype)
+
+
+def _check_same_variables(name, reference, variables, k):
+  if len(variables) != len(reference) or any(
+      tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype or a.trainable != b.trainable
+      for a, b in zip(reference, variables)):
+    raise ValueError(f'{name}: step {k} does not have the variables of step 0 '
+                     f'({len(variables)} vs {len(reference)} variables, or different shapes): '
+                     'only identical steps can run as one loop.')
+
+
+def find_repeated(bijector):
+  """Every ``Repeated`` inside a bijector tree (Chains, multi-scale levels, dense blocks)."""
+  found, seen = [], set()
+
+  def walk(b):
+    if id(b) in seen:
+      return
+    seen.add(id(b))
+    if isinstance(b, Repeated):
+      found.append(b)
+      return
+    for attr in ('bijectors', 'units', 'steps'):
+      for child in getattr(b, attr, None) or ():
+        walk(child)
+    for level in getattr(b, 'levels', None) or ():
+      walk(getattr(level, 'transform', level))
+
+  walk(bijector)
+  return found
+
+
+def unrolled_variable_layout(model):
+  """Maps the variables of a model with loop-mode steps onto the layout of the same model with
+  unrolled steps (``loop=False``: the layout of checkpoints written before loops existed).
+
+  model: a Keras model or layer. Returns one entry per variable of the unrolled model, in the
+  order of its ``variables``: (variable, None) for a variable both layouts share, (stacked
+  weight, k) for the k-th slice of a stacked weight. (Each layer's variables are contiguous in
+  ``model.variables``, and a stacked weight's slice k belongs to step k, whose layers hold the
+  template's variables in the template's order.)
+  """
+  owner = {}
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, StackedWeights):
+      for w in layer.variables:
+        owner[id(w)] = layer
+  layout, done = [], set()
+  for v in model.variables:
+    layer = owner.get(id(v))
+    if layer is None:
+      layout.append((v, None))
+    elif id(layer) not in done:
+      done.add(id(layer))
+      layout.extend((w, k) for k in range(layer.num_steps) for w in layer.ordered)
+  return layout
