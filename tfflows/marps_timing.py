@@ -59,7 +59,7 @@ def randomize(model, seed=0, std=0.05):
   """Initialises ActNorm on random images and perturbs every all-zero trainable weight."""
   rng = np.random.RandomState(seed)
   images = rng.randint(0, 256, size=(4,) + model.image_shape).astype(np.uint8)
-  model.log_weight(tf.cast(images, tf.float32))
+  model.initialize(images)
   for w in model.trainable_weights:
     if not np.any(w.numpy()):
       w.assign(rng.normal(0., std, size=w.shape).astype(w.dtype))
