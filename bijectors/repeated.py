@@ -91,7 +91,8 @@ class StackedWeights(keras.layers.Layer):
       w.assign(value)
       ordered.append(w)
       by_id[id(v)] = w
-    self._hidden = _Hidden((tuple(ordered), by_id, tuple(template_layers)))
+    self._hidden = _Hidden((tuple(ordered), by_id, tuple(template_layers),
+                            tuple(template_variables)))
 
   @property
   def ordered(self):
@@ -107,6 +108,22 @@ class StackedWeights(keras.layers.Layer):
 
   def call(self, x):  # not used: the Repeated bijector reads the weights
     return x
+
+  def slice_mapping(self, k):
+    """[(template variable, value of step k)] for a ``keras.StatelessScope``."""
+    return [(v, w[k]) for v, w in zip(self._hidden.value[3], self.ordered)]
+
+  def actnorm_state(self):
+    """(uninitialised ActNorms, unscaled channels) over the K steps of the template layers
+    that report them (``bijectors.actnorm.actnorm_state`` sums this over a model)."""
+    reporting = [l for l in self.template_layers if hasattr(l, 'actnorm_state')]
+    fresh = unscaled = 0
+    for k in range(self.num_steps if reporting else 0):
+      with keras.StatelessScope(self.slice_mapping(k)):
+        for layer in reporting:
+          f, u = layer.actnorm_state()
+          fresh, unscaled = fresh + f, unscaled + u
+    return fresh, unscaled
 
 
 def _short_path(v):

@@ -8,7 +8,7 @@ import tensorflow_probability as tfp
 
 import bijectors as fb
 import tfflows
-from bijectors import cross_unit
+from bijectors import actnorm, cross_unit
 from tfflows.distributions import variational_dequantization as vd
 from tfflows.models import denseflow
 from tfflows.models import flow_model
@@ -60,7 +60,8 @@ def _block_inputs(block, batch, dtype, seed=0):
 def _ready_block(dtype, batch=2, **kwargs):
   block = _block(**kwargs)
   x, noise = _block_inputs(block, batch, dtype)
-  block.forward_and_log_det(x, noise=noise)   # builds the layers and initialises ActNorm
+  with actnorm.data_initialization():        # builds the layers and initialises ActNorm
+    block.forward_and_log_det(x, noise=noise)
   _perturb([v for l in block.layers for v in l.trainable_weights])
   return block, x, noise
 

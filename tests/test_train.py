@@ -390,14 +390,19 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_pa
   process = subprocess.Popen([sys.executable, '-m', 'train.main', f'--flagfile={TINY}', *args],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+  def committed():
+    # The step the checkpoint state names (an index file alone may still be mid-save).
+    prefix = tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints'))
+    return checkpoints.step_of(prefix) if prefix else -1
+
   try:
     deadline = time.time() + 600
-    while not any(s >= 10 for s in _steps(str(tmp_path))) and time.time() < deadline:
+    while committed() < 10 and time.time() < deadline:
       time.sleep(0.5)
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
-  latest = checkpoints.step_of(tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints')))
+  latest = committed()
   assert latest >= 10 and latest % 5 == 0
   result = _cli(f'--workdir={tmp_path}', '--epochs=0', '--steps_per_epoch=400', '--mode=train')
   assert result.returncode == 0, result.stderr[-2000:]

@@ -96,8 +96,8 @@ class FlowServingModule(tf.Module):
 def export_saved_model(model, export_dir, num_importance_samples=1, overwrite=False):
   """Writes ``model`` as a SavedModel with the ``serving_default`` and ``sample`` signatures.
 
-  model: a built ``FlowModel`` (train or restore it first: ActNorm initialises on the first
-  batch). export_dir: the SavedModel directory; for TF Serving make its last component a
+  model: a built ``FlowModel`` (train or restore it first: ActNorm initialises in training).
+  export_dir: the SavedModel directory; for TF Serving make its last component a
   version number, e.g. ``workdir/export/1`` (see ``next_version_dir``).
   num_importance_samples: k of the served log_prob (1: the one-sample bound; k > 1: the
   k-sample importance-weighted estimate, k times the compute).
@@ -132,15 +132,13 @@ def export_saved_model(model, export_dir, num_importance_samples=1, overwrite=Fa
 
 
 def _check_initialised(model):
-  """Refuses a model whose ActNorm layers have not seen data: their data-dependent
-  initialisation would run inside the served graph on the first request and change the weights,
-  so served numbers would depend on that request."""
-  from bijectors.actnorm import ActNormParams  # pylint: disable=import-outside-toplevel
-  fresh = [layer.name for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-           if isinstance(layer, ActNormParams) and float(layer.initialized.numpy()) == 0.]
+  """Refuses a model whose ActNorm layers have not seen data: an export of an untrained model
+  is almost certainly a mistake (its ActNorms are the identity)."""
+  from bijectors.actnorm import actnorm_state  # pylint: disable=import-outside-toplevel
+  fresh, _ = actnorm_state(model)
   if fresh:
-    raise ValueError(f'{len(fresh)} ActNorm layers are not initialised (e.g. {fresh[0]}): train '
-                     'the model or restore a checkpoint before exporting it.')
+    raise ValueError(f'{fresh} ActNorm layers are not initialised: train the model or restore a '
+                     'checkpoint before exporting it.')
 
 
 def _replace_dir(source, target, staging):

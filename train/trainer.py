@@ -101,8 +101,9 @@ def initialise(run, model, checkpointer, first_batch):
     return f'fine-tuning from the weights of {prefix} (fresh optimizer)'
   # ActNorm's data-dependent initialisation, in cross-replica context on one global batch, so
   # every replica starts from the same statistics.
-  model(tf.cast(first_batch(), tf.float32), training=True)
-  return 'fresh run (ActNorm initialised on one training batch)'
+  unscaled = model.initialize(first_batch())
+  note = f'; {unscaled} channel(s) only centred (uniform batch)' if unscaled else ''
+  return f'fresh run (ActNorm initialised on one training batch{note})'
 
 
 def run_train(run):

@@ -54,7 +54,7 @@ from absl import logging
 import bijectors as fb
 from bijectors import cross_unit, multiscale, repeated
 from tfflows.distributions import dequantization, variational_dequantization
-from tfflows.models import glow
+from tfflows.distributions.split_priors import split_priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.denseflow_net import DenseFlowConditioner
 from tfflows.nn import precision
@@ -176,7 +176,8 @@ def build(config):
   logging.info('DenseFlow networks compute in %s (conditioner_precision=%s)', resolved,
                config.conditioner_precision)
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  model = FlowModel(config, flow, glow.split_priors(flow, config), build_dequantizer(config))
+  model = FlowModel(config, flow, split_priors(flow.latent_shapes, config.split_prior),
+                    build_dequantizer(config))
   model.network_precision = resolved
   return model
 

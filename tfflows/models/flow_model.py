@@ -24,7 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from absl import logging
 
+from bijectors import actnorm
 from tfflows import random
 from tfflows.distributions import joint
 from tfflows.nn.resnet import weight_norm_scales
@@ -59,11 +61,50 @@ class FlowModel(keras.Model):
 
   # -- construction ---------------------------------------------------------------------------
   def _build_weights(self):
-    """Creates every weight by one generative pass (which leaves ActNorm uninitialised, so the
-    first training batch still initialises it) and one dequantizer pass."""
+    """Creates every weight by one generative pass (ActNorm stays uninitialised, the identity,
+    until ``initialize``) and one dequantizer pass."""
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
     self.dequantizer(tf.zeros((1,) + self.image_shape), midpoint=True)
     self.built = True
+
+  # -- data-dependent initialisation ----------------------------------------------------------
+  @property
+  def is_initialized(self):
+    """True once every ActNorm has been initialised (by ``initialize`` or a restore)."""
+    return actnorm.actnorm_state(self)[0] == 0
+
+  def initialize(self, images):
+    """ActNorm's data-dependent initialisation on a batch of real training images.
+
+    images: uint8 [B, H, W, C] (the first training batch). One training-mode pass of the
+    one-sample log-weight runs inside ``bijectors.actnorm.data_initialization()``: every
+    uninitialised ActNorm, in flow order, sets loc and log_scale so that its input comes out
+    with zero mean and unit variance per channel (Glow, section 3.1), and later steps see the
+    normalised outputs. Already initialised ActNorms keep their weights; batch-norm moving
+    statistics take one update from this batch, as from a training step. Only training calls
+    this (the training program, or ``fit`` on an uninitialised model): inference never changes
+    weights, and an uninitialised ActNorm is the identity.
+    Returns the number of ActNorm channels left unscaled because their spread on this batch was
+    below ``bijectors.actnorm.MIN_STD`` (logged when > 0).
+    """
+    values = self.check_images(images)
+    with actnorm.data_initialization():
+      self.log_weight(values, training=True)
+    fresh, unscaled = actnorm.actnorm_state(self)
+    if fresh:
+      raise RuntimeError(f'{fresh} ActNorm layers were not reached by the initialisation pass.')
+    if unscaled:
+      logging.warning('ActNorm initialisation: %d channel(s) had a spread below %g on the '
+                      'initialisation batch (e.g. uniform images) and were only centred, not '
+                      'scaled.', unscaled, actnorm.MIN_STD)
+    return unscaled
+
+  def fit(self, x=None, *args, **kwargs):  # pylint: disable=keyword-arg-before-vararg
+    """Keras ``fit``; an uninitialised model first runs ``initialize`` on the first batch of x
+    (a tf.data.Dataset of images or (images, ...) tuples, or an array of images)."""
+    if not self.is_initialized:
+      self.initialize(_first_batch(x, kwargs.get('batch_size')))
+    return super().fit(x, *args, **kwargs)
 
   # -- input checks ---------------------------------------------------------------------------
   def check_images(self, images):
@@ -223,7 +264,7 @@ class FlowModel(keras.Model):
       bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
       loss = bpd + self.regularization()
     grads = tape.gradient(loss, self.trainable_variables)
-    # ActNorm's first (data-initialising) call gives its weights no gradient: use zeros.
+    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
     grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
@@ -268,6 +309,16 @@ def to_images(values):
 
 def _images_of(data):
   return data[0] if isinstance(data, (tuple, list)) else data
+
+
+def _first_batch(x, batch_size=None):
+  """The first batch of images that ``fit`` would see, for the initialisation pass."""
+  if isinstance(x, tf.data.Dataset):
+    return _images_of(next(iter(x)))
+  if isinstance(x, (np.ndarray, tf.Tensor)):
+    return x[:batch_size or 32]
+  raise ValueError(f'fit cannot take the initialisation batch from a {type(x).__name__}: call '
+                   'model.initialize(images) with a batch of real training images first.')
 
 
 def _as_checked_array(images, image_shape):

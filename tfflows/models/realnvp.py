@@ -16,7 +16,7 @@ the couplings of a group are the same function of their weights and their mask p
 parity is per-step data (0, 1, 0, ...) rather than looping over pairs, which would leave the odd
 third coupling of a group of 3 outside the loop. config.step_loop=False unrolls them.
 
-``config.split`` chooses the permutation before each split (``tfflows.lcma``):
+``config.split`` chooses the permutation before each split (``tfflows.split_permutations``):
 
     static        none: the split keeps channels [:c/2] of the squeezed tensor (RealNVP)
     random        a fixed random permutation of the level's h*w*c dimensions
@@ -30,7 +30,7 @@ third coupling of a group of 3 outside the loop. config.step_loop=False unrolls 
 
 import bijectors as fb
 from bijectors import multiscale, repeated
-from tfflows import lcma
+from tfflows import split_permutations
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.resnet import ResNetConditioner
@@ -56,11 +56,12 @@ def couplings(shape, mask, count, width, config, name):
 def build_levels(config, split_permutation=None):
   """split_permutation(level_index, shape) -> a bijector applied before the split, or None.
 
-  Without one, the permutation of config.split (``tfflows.lcma.split_permutation_fn``)."""
+  Without one, the permutation of config.split
+  (``tfflows.split_permutations.split_permutation_fn``)."""
   if config.split == 'none':
     return build_unsplit_levels(config)
   if split_permutation is None:
-    split_permutation = lcma.split_permutation_fn(config)
+    split_permutation = split_permutations.split_permutation_fn(config)
   h, w, c = config.image_shape
   levels = []
   for s in range(config.num_scales):
