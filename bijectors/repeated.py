@@ -34,6 +34,10 @@ each step is recomputed from its input and theta_k there (a ``tf.custom_gradient
 step), so the backward pass holds one step's activations plus the K step inputs. The gradients
 are the same. Keras' ``training`` mode of the forward pass is restored for the recomputation.
 
+With fewer than ``min_loop_steps`` (3) steps, the stacked steps are traced one after the other
+(a while loop's accumulators and TensorArrays cost about as many graph ops as a second step):
+the same weights, layout and numbers, without the loop.
+
 ``loop=False`` builds the K steps as separate bijectors run in order (a ``Chain``): the unrolled
 reference, whose variables are, in order, those of the checkpoints written before loops existed.
 ``unrolled_variable_layout`` maps that layout onto the stacked one.
@@ -49,6 +53,10 @@ from keras.src.layers.layer import CallContext
 
 from bijectors import base
 
+# Below this many steps the stacked steps are traced one after the other rather than looped:
+# a while loop's machinery (accumulators of the intermediates the gradient needs, TensorArrays)
+# adds about as many graph ops as a second copy of the step, so two steps gain nothing.
+MIN_LOOP_STEPS = 3
 
 class _Hidden:
   """Holds an object out of sight of Keras' and tf.Module's attribute tracking."""
@@ -172,11 +180,14 @@ class Repeated(base.FlowBijector):
   step_kwargs: {keyword: K values}: step k gets keyword=values[k] (loop mode only; unrolled
     steps are built with their own values by make_step).
   remat: recompute each step's activations in the backward pass (loop mode).
+  min_loop_steps: with fewer steps than this, the stacked steps are traced one after the other
+    instead of as a ``tf.while_loop`` (same weights and numbers; see the module doc).
   """
 
   def __init__(self, make_step, num_steps, event_shape=None, loop=True, remat=False,
-               step_kwargs=None, name='repeated'):
+               step_kwargs=None, min_loop_steps=MIN_LOOP_STEPS, name='repeated'):
     num_steps = int(num_steps)
+    self.min_loop_steps = int(min_loop_steps)
     if num_steps < 1:
       raise ValueError(f'{name}: num_steps must be >= 1, got {num_steps}.')
     self.num_steps = num_steps
@@ -322,14 +333,8 @@ class _StepLoop:
     values = [tf.convert_to_tensor(w) for w in self.weights]
     data = {key: tf.constant(v) for key, v in self.r.step_kwargs.items()}
     flat = tf.nest.flatten(carry)
-    if num == 1:   # one step: no loop to run (the same computation, without while-loop overhead)
-      h, new = self._step(flat, [v[0] for v in values],
-                          {key: v[0] for key, v in data.items()}, structure=carry)
-      for j, value in zip(self.carried, new):
-        if j in self.updated:
-          self.weights[j].assign(tf.cast(value, values[j].dtype)[None])
-      return tf.nest.pack_sequence_as(carry, list(h))
-
+    if num < self.r.min_loop_steps:
+      return self._unrolled(carry, flat, values, data)
     # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
     # [K, ...] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
     # written to slot k of the gradient's TensorArray.
@@ -354,6 +359,23 @@ class _StepLoop:
       if j in self.updated:
         self.weights[j].assign(out.stack())
     return tf.nest.pack_sequence_as(carry, list(h))
+
+  def _unrolled(self, carry, flat, values, data):
+    """The K steps traced one after the other on the slices of the stacked weights (for K
+    below ``min_loop_steps``, where a loop's machinery costs as much as the steps it saves)."""
+    num = self.r.num_steps
+    slices = [tf.unstack(v, num=num) for v in values]   # one gradient op for all K slices
+    order = range(num)
+    updates = {j: [None] * num for j in self.carried}
+    for k in (reversed(order) if self.reverse else order):
+      flat, new = self._step(flat, [s[k] for s in slices],
+                             {key: v[k] for key, v in data.items()}, structure=carry)
+      for j, value in zip(self.carried, new):
+        updates[j][k] = tf.cast(value, values[j].dtype)
+    for j in self.carried:
+      if j in self.updated:
+        self.weights[j].assign(tf.stack(updates[j]))
+    return tf.nest.pack_sequence_as(carry, list(flat))
 
   # -- one step -----------------------------------------------------------------------------
   def _apply(self, h, theta, kwargs, structure):
