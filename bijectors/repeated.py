@@ -29,10 +29,15 @@ the output of the already updated step k, as in the unrolled flow.
 Per-step data: ``step_kwargs`` maps a keyword to K values; step k is called with the k-th
 (RealNVP's couplings alternate their mask: ``parity=[0, 1, 0]``).
 
-Rematerialisation (``remat=True``): the step's activations are not kept for the backward pass;
-each step is recomputed from its input and theta_k there (a ``tf.custom_gradient`` around the
-step), so the backward pass holds one step's activations plus the K step inputs. The gradients
-are the same. Keras' ``training`` mode of the forward pass is restored for the recomputation.
+Rematerialisation (``remat=True``): the step's activations are not kept for the backward pass.
+The loop has its own gradient (a ``tf.custom_gradient`` around it): the forward loop keeps only
+the input of every step; a backward loop runs the steps in reverse order, recomputing step k
+from its input and theta_k under a tape and writing d/d theta_k to slot k of the stacked
+weights' gradients. The backward pass holds one step's activations plus the K step inputs, and
+the graph holds the step twice (forward; recomputation with its gradient) instead of the
+forward step, its gradient and an accumulator for every intermediate the gradient needs. The
+gradients are the same; Keras' ``training`` mode and the dropout seeds of the forward pass are
+those of the recomputation. (Below ``min_loop_steps`` each step gets the same treatment.)
 
 With fewer than ``min_loop_steps`` (3) steps, the stacked steps are traced one after the other
 (a while loop's accumulators and TensorArrays cost about as many graph ops as a second step):
@@ -261,6 +266,7 @@ class Repeated(base.FlowBijector):
   def _inverse_and_log_det(self, y, **condition):
     return self._run(y, condition, inverse=True)
 
+  @tf.autograph.experimental.do_not_convert   # Python builds the loop; autograph must not
   def _run(self, x, condition, inverse):
     if not self.loop:
       total = 0.
@@ -279,6 +285,7 @@ class Repeated(base.FlowBijector):
     zero = tf.zeros(tf.shape(x)[:-base.EVENT_NDIMS], x.dtype)
     return self.scan(one_step, (x, zero), reverse=inverse, remat=self.remat)
 
+  @tf.autograph.experimental.do_not_convert
   def scan(self, fn, carry, reverse=False, remat=False):
     """Runs carry = fn(step_k, carry, kwargs_k) for k = 0 .. K-1 (K-1 .. 0 with reverse) and
     returns the final carry: the loop of the forward and inverse passes, for any per-step
@@ -328,6 +335,7 @@ class _StepLoop:
     self.trainable = [j for j, v in enumerate(self.variables) if v.trainable]
     self.updated = set()
 
+  @tf.autograph.experimental.do_not_convert
   def run(self, carry):
     num = self.r.num_steps
     values = [tf.convert_to_tensor(w) for w in self.weights]
@@ -335,6 +343,8 @@ class _StepLoop:
     flat = tf.nest.flatten(carry)
     if num < self.r.min_loop_steps:
       return self._unrolled(carry, flat, values, data)
+    if self.remat:
+      return self._remat_loop(carry, flat, values, data)
     # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
     # [K, ...] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
     # written to slot k of the gradient's TensorArray.
@@ -359,6 +369,88 @@ class _StepLoop:
       if j in self.updated:
         self.weights[j].assign(out.stack())
     return tf.nest.pack_sequence_as(carry, list(h))
+
+  def _order(self, i):
+    """The step the i-th iteration runs."""
+    return self.r.num_steps - 1 - i if self.reverse else i
+
+  def _remat_loop(self, carry, flat, values, data):
+    """The loop with its own gradient: the forward loop keeps only each step's input carry;
+    the backward loop runs the steps in reverse order, recomputing each step from its input
+    and theta_k under a tape and writing d/d theta_k to slot k of the weights' gradients. No
+    activation of a step outlives its iteration, and the graph holds the forward step once and
+    the recomputation with its gradient once (no accumulators of intermediates)."""
+    num, n = self.r.num_steps, len(flat)
+    others = {j: values[j] for j in range(len(values)) if j not in self.trainable}
+
+    def slices(stacked):
+      return {j: tf.TensorArray(v.dtype, size=num, element_shape=v.shape[1:],
+                                clear_after_read=False).unstack(v)   # read again in backward
+              for j, v in stacked.items()}
+
+    def step_inputs(arrays, k):
+      theta = [arrays[j].read(k) for j in range(len(values))]
+      return theta, {key: tf.gather(v, k) for key, v in data.items()}
+
+    @tf.custom_gradient
+    def loop(*args):
+      weights = dict(zip(self.trainable, args[n:]))
+      arrays = slices({**others, **weights})
+      inputs = [tf.TensorArray(h.dtype, size=num, element_shape=h.shape) for h in flat]
+      outs = [tf.TensorArray(values[j].dtype, size=num, element_shape=values[j].shape[1:])
+              for j in self.carried]
+
+      def body(i, *state):
+        k = self._order(i)
+        h, ins, outs = state[:n], state[n:2 * n], state[2 * n:]
+        ins = [a.write(k, x) for a, x in zip(ins, h)]
+        theta, kwargs = step_inputs(arrays, k)
+        h, new = self._apply(list(h), theta, kwargs, structure=carry)
+        outs = [o.write(k, tf.cast(v, o.dtype)) for o, v in zip(outs, new)]
+        return (i + 1, *h, *ins, *outs)
+
+      result = tf.while_loop(lambda i, *_: i < num, body,
+                             (tf.constant(0), *args[:n], *inputs, *outs),
+                             maximum_iterations=num)
+      h = list(result[1:1 + n])
+      saved = [a.stack() for a in result[1 + n:1 + 2 * n]]
+      updates = [o.stack() for o in result[1 + 2 * n:]]
+
+      def grad(*upstream):
+        dh = [tf.zeros_like(x) if u is None else u for x, u in zip(h, upstream[:n])]
+        saved_arrays = [tf.TensorArray(x.dtype, size=num, element_shape=x.shape[1:]).unstack(x)
+                        for x in saved]
+        grads = [tf.TensorArray(weights[j].dtype, size=num,
+                                element_shape=weights[j].shape[1:]) for j in self.trainable]
+
+        def back(i, *state):
+          k = self._order(num - 1 - i)
+          dh, grads = list(state[:n]), list(state[n:])
+          h_k = [a.read(k) for a in saved_arrays]
+          theta, kwargs = step_inputs(arrays, k)
+          t = [theta[j] for j in self.trainable]
+          with tf.GradientTape() as tape:
+            tape.watch(h_k + t)
+            full = list(theta)
+            for j, value in zip(self.trainable, t):
+              full[j] = value
+            out, _ = self._apply(h_k, full, kwargs, structure=carry)
+          g = tape.gradient(out, h_k + t, output_gradients=dh,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+          grads = [a.write(k, tf.cast(d, a.dtype)) for a, d in zip(grads, g[n:])]
+          return (i + 1, *g[:n], *grads)
+
+        result = tf.while_loop(lambda i, *_: i < num, back, (tf.constant(0), *dh, *grads),
+                               maximum_iterations=num)
+        return list(result[1:1 + n]) + [a.stack() for a in result[1 + n:]]
+
+      return (*h, *updates), grad
+
+    result = loop(*flat, *[values[j] for j in self.trainable])
+    for j, update in zip(self.carried, result[n:]):
+      if j in self.updated:
+        self.weights[j].assign(update)
+    return tf.nest.pack_sequence_as(carry, list(result[:n]))
 
   def _unrolled(self, carry, flat, values, data):
     """The K steps traced one after the other on the slices of the stacked weights (for K

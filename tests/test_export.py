@@ -14,7 +14,8 @@ import tensorflow as tf
 import tfflows
 from tfflows import export
 
-TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=2, width=8)
+# 3 steps a level: the steps run as a tf.while_loop (bijectors.repeated) in the exported graphs.
+TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=3, width=8)
 
 
 def _images(n, seed=0):

@@ -300,8 +300,8 @@ def test_permutation_sits_right_before_the_split(tmp_path, model_name):
   model, path = _lcma_model(tmp_path, model_name)
   level0 = model.flow.levels[0].transform.bijectors
   assert isinstance(level0[-1], ordered.SplitPermutation)
-  assert level0[-2].name == ('scale0_channel2' if model_name == 'realnvp' else
-                             'level0_step1_coupling')
+  # The level's last steps (bijectors.repeated: one loop of the channel couplings or Glow steps).
+  assert level0[-2].name == ('scale0_channel' if model_name == 'realnvp' else 'level0_steps')
   perm = lcma.load_masks(path).permutations['lcma'][0]
   np.testing.assert_array_equal(level0[-1].perm, perm)
   # Same weights without the permutation: the factored latent is the permuted level output.

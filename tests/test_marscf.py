@@ -8,7 +8,7 @@ import tensorflow as tf
 import tfflows
 import tfflows.data
 import tfflows.nn
-from bijectors import mixlogcdf
+from bijectors import mixlogcdf, repeated
 from tfflows import interpolation
 from tfflows.distributions import joint
 from tfflows.distributions.mar_prior import MARPrior, marps_num_steps
@@ -77,9 +77,11 @@ def test_priors_follow_the_paper():
 
 def test_mixlogcdf_steps_use_the_attention_conditioner():
   model = _tiny('mixlogcdf')
-  couplings = [b for level in model.flow.levels for b in level.transform.bijectors
+  loops = repeated.find_repeated(model.flow)   # one loop of steps per level
+  assert [r.num_steps for r in loops] == [TINY['steps_per_level']] * TINY['num_levels']
+  couplings = [b for r in loops for b in r.template.bijectors
                if isinstance(b, mixlogcdf.MixLogCDFCoupling)]
-  assert len(couplings) == TINY['num_levels'] * TINY['steps_per_level']
+  assert len(couplings) == TINY['num_levels']
   net = couplings[0].conditioner
   assert isinstance(net, tfflows.nn.GatedResidualAttentionNet)
   assert net.dropout_rate == 0.2 and net.num_heads == 2 and couplings[0].num_components == 4

@@ -202,7 +202,7 @@ def test_restore_gives_the_saved_optimizer_state(tmp_path):
   for a, b in zip(weights, restored.variables):
     np.testing.assert_array_equal(a, np.array(b), err_msg=b.path)
   flags_ = [np.array(v) for v in restored.variables if v.path.endswith('initialized')]
-  assert flags_ and all(f == 1. for f in flags_)
+  assert flags_ and all(np.all(f == 1.) for f in flags_)   # stacked [K] for looped steps
   # The model alone (eval, sample, export, --init_from): every variable, the priors included.
   alone = tfflows.build_model(run.config)
   checkpoints.restore_model(alone, prefix)

@@ -31,6 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tfflows import atomic
+from tfflows import step_layout
 
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
@@ -59,9 +60,17 @@ def check_model_variables(prefix, model):
               None)
   stored = len(node.children) if node is not None else 0
   if stored != len(model.variables):
+    layout = step_layout.unrolled_checkpoint_message(prefix, model, stored)
+    if layout:
+      raise ValueError(layout)
     raise ValueError(f'checkpoint {prefix} holds {stored} model variables, the model built from '
                      f'the flags has {len(model.variables)}: a different architecture (were the '
                      'model flags different when it was written?).')
+  # Stacked step weights [K, ...] keep their count when K changes: compare shapes too.
+  mismatch = step_layout.first_shape_mismatch(prefix, model.variables)
+  if mismatch:
+    raise ValueError(f'checkpoint {prefix}: {mismatch}: a different architecture (were the model '
+                     'flags different when it was written?).')
 
 
 def find_checkpoint(path):

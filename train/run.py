@@ -178,8 +178,12 @@ def _check_workdir_config(workdir, config):
   with open(path, encoding='utf-8') as f:
     stored = json.load(f)
   current = config.to_dict()
+  # Fields that change how the model computes, not its weights (remat, conditioner_precision),
+  # may differ from the run's.
   differ = [f'--{train_flags.model_flag_name(k)}={_show(current[k])} (workdir: {_show(v)})'
-            for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+            for k, v in sorted(stored.items())
+            if k in current and k not in tfflows.config.RUNTIME_FIELDS
+            and _norm(v) != _norm(current[k])]
   if differ:
     raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
                          f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '

@@ -1,0 +1,327 @@
+"""Repeated steps as one loop over stacked weights (bijectors.repeated) against unrolled steps.
+
+For every model family the loop layout (the default) and the unrolled reference
+(``step_loop=False``) are built, the unrolled model's weights are copied into the stacked ones
+(``tfflows.step_layout``), and the two must agree: ActNorm's data-dependent initialisation,
+forward and log-det (the log-weight), the inverse (decode), gradients, batch-norm statistics
+and dropout seeds after a training pass. Then rematerialisation, per-step parity, the
+checkpoint layouts and the ``auto`` precision decision.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bijectors as fb
+import tfflows
+from bijectors import repeated
+from tfflows import step_layout
+from tfflows.nn import precision
+from train import checkpoints
+
+IMAGE_SHAPE = (8, 8, 1)
+# K >= 3 steps, so the repeated steps run as tf.while_loop (fewer are traced one by one).
+FAMILIES = {
+    'glow': dict(model='glow', image_shape=IMAGE_SHAPE, num_levels=2, steps_per_level=3,
+                 width=8),
+    'realnvp': dict(model='realnvp', image_shape=IMAGE_SHAPE, num_scales=2, res_blocks=1,
+                    base_width=4),
+    'denseflow': dict(model='denseflow', image_shape=IMAGE_SHAPE, block_conf=(2, 1),
+                      layers_conf=(3, 1), layer_mid_channels=(8, 8), growth_rate=2,
+                      dense_layers=1, dense_growth=4, split_prior='standard',
+                      dequantization='uniform', conditioner_precision='float32'),
+    'marscf': dict(model='marscf', image_shape=IMAGE_SHAPE, num_levels=2, steps_per_level=3,
+                   width=8, coupling='mixlogcdf', num_components=2, coupling_blocks=1,
+                   attention_heads=2, mar_hidden=4, mar_layers=1),
+}
+
+
+def _images(n=4, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, (n,) + IMAGE_SHAPE).astype(np.uint8)
+
+
+def _pair(name, **changes):
+  """(unrolled model, loop model) with the same weights (the unrolled one's, perturbed off
+  their zero initialisations), neither initialised."""
+  config = tfflows.FlowConfig(**{**FAMILIES[name], **changes})
+  unrolled = tfflows.build_model(config.replace(step_loop=False, remat='none'))
+  looped = tfflows.build_model(config)
+  rng = np.random.RandomState(1)
+  for v in unrolled.trainable_variables:
+    v.assign(v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype))
+  step_layout.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
+  return unrolled, looped
+
+
+def _assert_same_variables(unrolled, looped, atol=0.):
+  """Every variable of the unrolled model equals its counterpart in the loop layout."""
+  mine = step_layout.unrolled_values(looped)
+  assert len(mine) == len(unrolled.variables)
+  for value, v in zip(mine, unrolled.variables):
+    np.testing.assert_allclose(value, v.numpy(), atol=atol, rtol=0, err_msg=v.path)
+
+
+def _gradients(model, images, seed=(1, 2)):
+  x = tf.constant(images, tf.float32)
+  with tf.GradientTape() as tape:
+    loss = -tf.reduce_mean(model(x, training=True, seed=tf.constant(seed)))
+  known = {id(v) for v in model.variables} | {id(getattr(v, 'value', v)) for v in model.variables}
+  hidden = [v.name for v in tape.watched_variables() if id(v) not in known]
+  assert not hidden, f'variables outside the Keras model were read: {hidden}'
+  return loss, tape.gradient(loss, model.trainable_variables)
+
+
+def _as_unrolled(looped, grads):
+  """Gradients of a loop-layout model in the unrolled layout's order (trainable only)."""
+  by_id = {id(v): np.asarray(tf.convert_to_tensor(g)) for v, g in
+           zip(looped.trainable_variables, grads)}
+  return [by_id[id(v)] if k is None else by_id[id(v)][k]
+          for v, k in step_layout.unrolled_layout(looped) if v.trainable]
+
+
+def _assert_close_gradients(mine, reference, rtol):
+  """Per tensor, relative to the largest gradient overall (some are zero up to rounding, e.g.
+  the attention key bias, to which softmax is invariant)."""
+  scale = max(float(np.max(np.abs(g))) for g in reference)
+  for a, b in zip(mine, reference):
+    np.testing.assert_allclose(a, np.asarray(b), atol=rtol * scale, rtol=0)
+
+
+@pytest.mark.parametrize('name', sorted(FAMILIES))
+def test_loop_equals_unrolled_steps(name):
+  """ActNorm initialisation, log-weight (forward and log-det), decode (inverse), gradients and
+  the batch-norm statistics / dropout seeds a training pass updates: loop == unrolled."""
+  unrolled, looped = _pair(name)
+  assert any(isinstance(b, repeated.Repeated) and b.loop for b in
+             repeated.find_repeated(looped.flow))
+  assert step_layout.unrolled_shapes(looped) == [tuple(v.shape) for v in unrolled.variables]
+  assert len(looped.variables) < len(unrolled.variables)
+  images = _images()
+  unrolled.initialize(images)
+  looped.initialize(images)
+  assert looped.is_initialized
+  _assert_same_variables(unrolled, looped, atol=1e-6)   # ActNorm (and BN) after initialisation
+  x = tf.constant(images, tf.float32)
+  np.testing.assert_allclose(looped.log_weight(x, midpoint=True),
+                             unrolled.log_weight(x, midpoint=True), rtol=1e-6)
+  latents = unrolled.encode(images)
+  for a, b in zip(looped.encode(images), latents):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_array_equal(looped.decode(latents), unrolled.decode(latents))
+  loss_u, grads_u = _gradients(unrolled, images)
+  loss_l, grads_l = _gradients(looped, images)
+  np.testing.assert_allclose(loss_l, loss_u, rtol=1e-6)
+  _assert_close_gradients(_as_unrolled(looped, grads_l), grads_u, rtol=1e-5)
+  _assert_same_variables(unrolled, looped, atol=1e-5)   # BN statistics, seed states
+
+
+def test_loop_equals_unrolled_compiled():
+  """The loop under tf.function with XLA: the training gradients (at the bin centres, so no
+  noise is drawn: XLA draws other random numbers than eager mode) and the inverse equal the
+  eager unrolled model's."""
+  unrolled, looped = _pair('glow')
+  images = _images()
+  unrolled.initialize(images)
+  looped.initialize(images)
+
+  def gradients(model, x):
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(model.log_weight(x, training=True, midpoint=True))
+    return loss, tape.gradient(loss, model.trainable_variables)
+
+  x = tf.constant(images, tf.float32)
+  loss_l, grads_l = tf.function(lambda x: gradients(looped, x), jit_compile=True)(x)
+  loss_u, grads_u = gradients(unrolled, x)
+  np.testing.assert_allclose(loss_l, loss_u, rtol=1e-5)
+  _assert_close_gradients(_as_unrolled(looped, grads_l), grads_u, rtol=1e-4)
+  latents = unrolled.encode(images)
+  decoded = tf.function(lambda z: looped.flow.decode(z), jit_compile=True)(latents)
+  expected = unrolled.flow.decode(latents)
+  np.testing.assert_allclose(decoded[0], expected[0], atol=1e-3)
+  np.testing.assert_allclose(decoded[1], expected[1], rtol=1e-5)
+
+
+class _StepLayer(keras.layers.Layer):
+  """Runs a bijector inside a Keras call, so that ``training`` reaches its networks."""
+
+  def __init__(self, bijector, **kwargs):
+    super().__init__(**kwargs)
+    self.bijector = bijector
+    self.owned = bijector.layers
+
+  def build(self, input_shape):
+    del input_shape
+
+  def call(self, x, training=None):
+    return self.bijector.forward_and_log_det(x)
+
+
+def _noisy_steps(remat, loop=True):
+  """3 steps ActNorm -> 1x1 conv -> affine coupling whose conditioner has batch norm and
+  dropout (built on first call: Repeated builds it with one inverse pass)."""
+  def make_step(k):
+    net = keras.Sequential([keras.layers.Conv2D(8, 3, padding='same'),
+                            keras.layers.BatchNormalization(), keras.layers.Dropout(0.3),
+                            keras.layers.Conv2D(4, 3, padding='same')], name=f'net{k}')
+    return fb.Chain([fb.ActNorm(4, name=f'actnorm{k}'),
+                     fb.InvertibleConv1x1(4, 'plain', name=f'conv{k}'),
+                     fb.AffineCoupling(net, 4, scale_fn='exp_tanh', name=f'coupling{k}')])
+  return repeated.Repeated(make_step, 3, event_shape=(4, 4, 4), loop=loop, remat=remat)
+
+
+@pytest.mark.parametrize('jit_compile', [False, True])
+def test_remat_gradients_equal_plain_gradients(jit_compile):
+  """remat recomputes each step in the backward pass: the same gradients, with the batch norm
+  in training mode and the same dropout masks in the recomputation, and the same batch
+  statistics and seed states afterwards."""
+  plain, remat = _noisy_steps(remat=False), _noisy_steps(remat=True)
+  for a, b in zip(plain.stacked.ordered, remat.stacked.ordered):
+    b.assign(a)
+  x = tf.random.normal([3, 4, 4, 4])
+
+  def gradients(steps):
+    layer = _StepLayer(steps, name="steps")
+    weights = [w for w in steps.stacked.ordered if w.trainable]
+
+    def step(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, log_det = layer(x, training=True)
+        loss = tf.reduce_sum(y ** 2) + tf.reduce_sum(log_det)
+      return tape.gradient(loss, [x] + weights)
+    return tf.function(step, jit_compile=jit_compile)(x)
+
+  grads_p, grads_r = gradients(plain), gradients(remat)
+  _assert_close_gradients([np.asarray(g) for g in grads_r], grads_p, rtol=1e-5)
+  for a, b in zip(plain.stacked.ordered, remat.stacked.ordered):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-6, err_msg=a.path)
+  moving = [w for w in plain.stacked.ordered if 'moving_variance' in w.path]
+  assert moving and np.all(moving[0].numpy() != 1.)   # batch-norm statistics were updated
+
+
+def test_remat_model_option():
+  """remat='step' reaches every loop of a model and changes none of its numbers."""
+  config = tfflows.FlowConfig(**FAMILIES['glow'])
+  plain = tfflows.build_model(config)
+  remat = tfflows.build_model(config.replace(remat='step'))
+  assert all(r.remat for r in repeated.find_repeated(remat.flow))
+  for a, b in zip(plain.variables, remat.variables):
+    b.assign(a)
+  images = _images()
+  plain.initialize(images)
+  remat.initialize(images)
+  loss_p, grads_p = _gradients(plain, images)
+  loss_r, grads_r = _gradients(remat, images)
+  np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
+  _assert_close_gradients([np.asarray(tf.convert_to_tensor(g)) for g in grads_r],
+                          [np.asarray(tf.convert_to_tensor(g)) for g in grads_p], rtol=1e-5)
+  with pytest.raises(ValueError, match='step_loop=True'):
+    tfflows.FlowConfig(**FAMILIES['glow'], step_loop=False, remat='step')
+
+
+def test_lcma_elementwise_log_det_through_loops():
+  """The per-dimension log-det map (LCMA) through looped couplings of alternating parity sums
+  to the flow's log-det and equals the unrolled map."""
+  from tfflows import lcma  # pylint: disable=import-outside-toplevel
+  unrolled, looped = _pair('realnvp', split='none')
+  x = tf.constant(_images(), tf.float32) + 0.5
+  transform_u = unrolled.flow.levels[0].transform
+  transform_l = looped.flow.levels[0].transform
+  y_u, e_u = lcma.forward_and_elementwise_log_det(transform_u, x)
+  y_l, e_l = lcma.forward_and_elementwise_log_det(transform_l, x)
+  np.testing.assert_allclose(y_l, y_u, atol=1e-5)
+  np.testing.assert_allclose(e_l, e_u, atol=1e-4)
+  _, log_det = transform_l.forward_and_log_det(x)
+  np.testing.assert_allclose(tf.reduce_sum(e_l, [1, 2, 3]), log_det, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mask, channels', [('checkerboard', 3), ('channel', 4)])
+def test_parity_as_data_equals_fixed_parity(mask, channels):
+  """A coupling given parity=1 as a tensor is the coupling built with parity 1."""
+  net = keras.Sequential([keras.layers.Conv2D(
+      fb.AffineCoupling.conditioner_channels(channels, mask), 3, padding='same',
+      kernel_initializer=keras.initializers.RandomNormal(stddev=0.1))])
+  x = tf.random.normal([2, 4, 4, channels])
+  for parity in (0, 1):
+    fixed = fb.AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn='exp_tanh')
+    data = fb.AffineCoupling(net, channels, mask=mask, parity=0, scale_fn='exp_tanh')
+    y, ldj = fixed.forward_and_log_det(x)
+    y2, ldj2 = data.forward_and_log_det(x, parity=tf.constant(parity))
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(ldj2, ldj)
+    x2, _ = data.inverse_and_log_det(y2, parity=tf.constant(parity))
+    np.testing.assert_allclose(x2, x, atol=1e-5)
+
+
+def test_unrolled_checkpoint_is_refused_then_converted(tmp_path):
+  """A training checkpoint of the unrolled layout restored into the loop layout fails with a
+  message naming the layout and the converter; converted (weights, Adamax slots, counters), it
+  restores and gives the unrolled model's numbers."""
+  from train import convert_checkpoint, trainer  # pylint: disable=import-outside-toplevel
+  unrolled, looped = _pair('glow')
+  images = _images()
+  unrolled.initialize(images)
+  optimizer = trainer.make_optimizer('adamax', 1e-3)
+  optimizer.build(unrolled.trainable_variables)
+  _, grads = _gradients(unrolled, images)
+  optimizer.apply_gradients(zip(grads, unrolled.trainable_variables))
+  source = checkpoints.Checkpointer(str(tmp_path / 'old'), unrolled, optimizer, keep=1)
+  prefix = source.save(step=7, epoch=1)
+  with pytest.raises(ValueError, match='unrolled flow steps.*train.convert_checkpoint'):
+    checkpoints.restore_model(looped, prefix)
+  convert_checkpoint.convert(looped.config, prefix, str(tmp_path / 'new'))
+  fresh = tfflows.build_model(looped.config)
+  fresh_optimizer = trainer.make_optimizer('adamax', 1e-3)
+  fresh_optimizer.build(fresh.trainable_variables)
+  target = checkpoints.Checkpointer(str(tmp_path / 'new'), fresh, fresh_optimizer, keep=1)
+  assert target.restore_latest().endswith('ckpt-7') and int(target.epoch.numpy()) == 1
+  assert int(fresh_optimizer.iterations.numpy()) == 1
+  _assert_same_variables(unrolled, fresh)
+  _, slots = step_layout.optimizer_slot_lists(fresh_optimizer)
+  _, old_slots = step_layout.optimizer_slot_lists(optimizer)
+  trainable = [(v, k) for v, k in step_layout.unrolled_layout(fresh) if v.trainable]
+  index = {id(v): i for i, v in enumerate(fresh.trainable_variables)}
+  for new, old in zip(slots, old_slots):
+    for (v, k), value in zip(trainable, old):
+      mine = new[index[id(v)]].numpy()
+      np.testing.assert_array_equal(mine if k is None else mine[k], value.numpy())
+  x = tf.constant(images, tf.float32)
+  np.testing.assert_allclose(fresh.log_weight(x, midpoint=True),
+                             unrolled.log_weight(x, midpoint=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize('gpus, cpu_flags, expected', [
+    ((), ('avx2', 'avx512f', 'avx512_bf16'), 'bfloat16'),
+    ((), ('avx2', 'amx_tile', 'amx_bf16'), 'bfloat16'),
+    ((), ('avx2', 'avx512f'), 'float32'),
+    ((), (), 'float32'),
+    (((8, 0),), ('avx2',), 'bfloat16'),
+    (((9, 0), (8, 6)), (), 'bfloat16'),
+    (((7, 5),), ('avx512_bf16',), 'float32'),      # the networks run on the GPU
+    (((8, 0), (7, 0)), (), 'float32'),
+])
+def test_auto_precision_decision(gpus, cpu_flags, expected):
+  assert precision.auto_precision(gpus, cpu_flags) == expected
+  assert precision.resolve_precision('auto', (gpus, cpu_flags)) == expected
+  assert precision.resolve_precision('float32', (gpus, cpu_flags)) == 'float32'
+
+
+def test_auto_precision_keeps_a_float64_policy(float64):
+  assert precision.resolve_precision('auto', ((), ('avx512_bf16',))) == 'float64'
+  assert precision.network_policy_name('auto') is None
+  with pytest.raises(ValueError, match='conditioner_precision'):
+    precision.resolve_precision('int8')
+
+
+def test_runtime_fields_do_not_block_resuming(tmp_path):
+  """A workdir trained without remat and with another precision resumes with --remat=step and
+  --conditioner_precision=auto; an architecture field still has to match."""
+  from train import run  # pylint: disable=import-outside-toplevel
+  config = tfflows.FlowConfig(**FAMILIES['denseflow'])
+  checkpoints.write_json(str(tmp_path / 'config.json'),
+                         config.replace(conditioner_precision='bfloat16').to_dict())
+  run._check_workdir_config(str(tmp_path), config.replace(remat='step',  # pylint: disable=protected-access
+                                                          conditioner_precision='auto'))
+  with pytest.raises(Exception, match='step_loop'):
+    run._check_workdir_config(str(tmp_path), config.replace(step_loop=False))  # pylint: disable=protected-access

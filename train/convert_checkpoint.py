@@ -1,0 +1,80 @@
+r"""Converts a training checkpoint of unrolled flow steps into the stacked (loop) layout.
+
+    python -m train.convert_checkpoint --flagfile=configs/cifar10.flags \
+        --source=/data/runs/df_cifar10 --workdir=/data/runs/df_cifar10_loop
+
+Checkpoints written before repeated flow steps ran as loops (or with ``--nostep_loop``) hold one
+set of variables per step; a model built with the default ``--step_loop`` holds each group of
+repeated steps as stacked weights [K, ...] and refuses them. This program builds the model of
+the flags twice -- unrolled and stacked (``tfflows.step_layout``) -- restores the source
+checkpoint (``--source``: a checkpoint prefix, a checkpoint directory or a workdir, whose latest
+checkpoint is used) into the unrolled one with its optimizer, copies every weight, every
+optimizer slot, the optimizer's iteration count and the step and epoch counters into the
+stacked one, and writes ``--workdir``/checkpoints/ckpt-<step> and ``config.json``, so that
+``python -m train.main`` with the same flags and ``--workdir`` resumes the run there. The model
+flags must be those the source was trained with. The numbers are unchanged: the loop runs the
+same steps on the same weights.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+from absl import app  # noqa: E402  pylint: disable=wrong-import-position
+from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
+
+import tfflows  # noqa: E402  pylint: disable=wrong-import-position
+from tfflows import step_layout  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
+from train import flags as train_flags  # noqa: E402,F401  pylint: disable=wrong-import-position
+from train import trainer  # noqa: E402  pylint: disable=wrong-import-position
+from train.benchmark import build_config  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('source', None, 'Checkpoint prefix, checkpoint directory or workdir of the '
+                    'unrolled-layout checkpoint to convert.')
+
+
+def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
+  """Converts checkpoint ``source`` (unrolled layout of ``config``'s model) into ``workdir``;
+  returns the new checkpoint prefix."""
+  prefix = checkpoints.find_checkpoint(source)
+  if prefix is None:
+    raise ValueError(f'--source={source}: no checkpoint there.')
+  config = config.replace(step_loop=True, remat='none')
+  unrolled = tfflows.build_model(config.replace(step_loop=False))
+  source_optimizer = trainer.make_optimizer(optimizer, learning_rate)
+  source_optimizer.build(unrolled.trainable_variables)
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+  checkpoints.check_model_variables(prefix, unrolled)
+  restored = tf.train.Checkpoint(optimizer=source_optimizer, step=step, epoch=epoch,
+                                 **{checkpoints.MODEL_VARIABLES: list(unrolled.variables)})
+  restored.read(prefix).expect_partial()
+  looped = tfflows.build_model(config)
+  step_layout.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
+  target_optimizer = trainer.make_optimizer(optimizer, learning_rate)
+  target_optimizer.build(looped.trainable_variables)
+  step_layout.copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
+  writer = checkpoints.Checkpointer(workdir, looped, target_optimizer, keep=1)
+  written = writer.save(int(step.numpy()), int(epoch.numpy()))
+  checkpoints.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  return written
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments (not flags): {" ".join(argv[1:])}')
+  if not FLAGS.source or not FLAGS.workdir:
+    raise app.UsageError('--source (the unrolled checkpoint) and --workdir (where the converted '
+                         'checkpoint goes) are required.')
+  if checkpoints.find_checkpoint(FLAGS.workdir) is not None:
+    raise app.UsageError(f'--workdir={FLAGS.workdir} already has a checkpoint; give a new one.')
+  written = convert(build_config(FLAGS), FLAGS.source, FLAGS.workdir, FLAGS.optimizer,
+                    FLAGS.learning_rate)
+  print(f'converted {checkpoints.find_checkpoint(FLAGS.source)} -> {written}')
+
+
+if __name__ == '__main__':
+  app.run(main)
