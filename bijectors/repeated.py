@@ -63,6 +63,7 @@ from bijectors import base
 # adds about as many graph ops as a second copy of the step, so two steps gain nothing.
 MIN_LOOP_STEPS = 3
 
+
 class _Hidden:
   """Holds an object out of sight of Keras' and tf.Module's attribute tracking."""
 
@@ -383,19 +384,17 @@ class _StepLoop:
     num, n = self.r.num_steps, len(flat)
     others = {j: values[j] for j in range(len(values)) if j not in self.trainable}
 
-    def slices(stacked):
-      return {j: tf.TensorArray(v.dtype, size=num, element_shape=v.shape[1:],
-                                clear_after_read=False).unstack(v)   # read again in backward
-              for j, v in stacked.items()}
-
-    def step_inputs(arrays, k):
-      theta = [arrays[j].read(k) for j in range(len(values))]
+    def step_inputs(stacked, k):
+      # Gathers, not TensorArrays: no gradient flows through these reads (the backward loop
+      # differentiates with respect to the slices), and a gather copies one step's weights
+      # where a TensorArray would copy all K.
+      theta = [tf.gather(stacked[j], k) for j in range(len(values))]
       return theta, {key: tf.gather(v, k) for key, v in data.items()}
 
     @tf.custom_gradient
     def loop(*args):
       weights = dict(zip(self.trainable, args[n:]))
-      arrays = slices({**others, **weights})
+      arrays = {**others, **weights}
       inputs = [tf.TensorArray(h.dtype, size=num, element_shape=h.shape) for h in flat]
       outs = [tf.TensorArray(values[j].dtype, size=num, element_shape=values[j].shape[1:])
               for j in self.carried]
@@ -413,20 +412,18 @@ class _StepLoop:
                              (tf.constant(0), *args[:n], *inputs, *outs),
                              maximum_iterations=num)
       h = list(result[1:1 + n])
-      saved = [a.stack() for a in result[1 + n:1 + 2 * n]]
+      saved = list(result[1 + n:1 + 2 * n])   # each step's input carry, read in the backward
       updates = [o.stack() for o in result[1 + 2 * n:]]
 
       def grad(*upstream):
         dh = [tf.zeros_like(x) if u is None else u for x, u in zip(h, upstream[:n])]
-        saved_arrays = [tf.TensorArray(x.dtype, size=num, element_shape=x.shape[1:]).unstack(x)
-                        for x in saved]
         grads = [tf.TensorArray(weights[j].dtype, size=num,
                                 element_shape=weights[j].shape[1:]) for j in self.trainable]
 
         def back(i, *state):
           k = self._order(num - 1 - i)
           dh, grads = list(state[:n]), list(state[n:])
-          h_k = [a.read(k) for a in saved_arrays]
+          h_k = [a.read(k) for a in saved]
           theta, kwargs = step_inputs(arrays, k)
           t = [theta[j] for j in self.trainable]
           with tf.GradientTape() as tape:

@@ -6,8 +6,10 @@ import tensorflow as tf
 
 import tfflows
 
+# Glow's 3 steps a level and RealNVP's 3-4 couplings a group run as tf.while_loop over stacked
+# weights (bijectors.repeated).
 TINY = {
-    'glow': dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=2, width=8),
+    'glow': dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=3, width=8),
     'realnvp': dict(model='realnvp', image_shape=(8, 8, 1), num_scales=2, res_blocks=1,
                     base_width=4),
 }
