@@ -46,10 +46,12 @@ _VARIABLES_ATTRIBUTE = '_declared_variables'
 class LayerVariables(collections.abc.Mapping):
   """A read-only view {index: tf.Variable} of the Keras weights of ``layers``, evaluated on
   access (a layer built later shows its weights). Held by a ``tf.Module`` attribute, it is what
-  the module's variable walk finds."""
+  the module's variable walk finds. Iterating takes a snapshot that item access then reads, so
+  a walk over n variables costs one pass over the layers, not n."""
 
   def __init__(self, layers):
     self._layers = list(layers)
+    self._snapshot = None
 
   def _variables(self):
     seen, out = set(), []
@@ -58,13 +60,14 @@ class LayerVariables(collections.abc.Mapping):
         if id(weight) not in seen:
           seen.add(id(weight))
           out.append(weight.value)  # the backend tf.Variable of the Keras weight
+    self._snapshot = out
     return out
 
   def __getitem__(self, index):
-    return self._variables()[index]
+    return (self._snapshot if self._snapshot is not None else self._variables())[index]
 
   def __iter__(self):
-    return iter(range(len(self)))
+    return iter(range(len(self._variables())))
 
   def __len__(self):
     return len(self._variables())
