@@ -556,20 +556,6 @@ def test_decode_of_partial_latents_names_what_is_expected(family):
 
 
 # -- float64 and training through the distribution -----------------------------------------
-def _dilated_conv_input_gradient(dtype):
-  """Whether this CPU build differentiates a dilated tf.nn.conv2d with respect to its input in
-  ``dtype`` (the mAR prior's level-0 ConvLSTM; oneDNN does in float32 only, issue 14)."""
-  x = tf.zeros([1, 4, 4, 1], dtype)
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    y = tf.nn.conv2d(x, tf.zeros([3, 3, 1, 1], dtype), 1, 'SAME', dilations=2)
-  try:
-    tape.gradient(y, x)
-    return True
-  except tf.errors.InvalidArgumentError:
-    return False
-
-
 @pytest.mark.parametrize('name', [n if n != 'lcma' else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(FAMILIES)])
 def test_float64_model_and_distribution_gradients(name, float64, tmp_path_factory):
@@ -594,9 +580,6 @@ def test_float64_model_and_distribution_gradients(name, float64, tmp_path_factor
                                   + log_det)
   assert through_dist.dtype == tf.float64
   np.testing.assert_allclose(through_dist, training_path, rtol=1e-10)
-  if name == 'marscf' and not _dilated_conv_input_gradient(tf.float64):
-    pytest.skip('this TensorFlow CPU build cannot differentiate the dilated ConvLSTM '
-                'convolution of the mAR prior in float64 (issue 14)')
   g_dist = tape.gradient(through_dist, variables)
   g_train = tape.gradient(training_path, variables)
   for v, a, b in zip(variables, g_dist, g_train):

@@ -73,6 +73,9 @@ flags.DEFINE_float('scale_l2', 0., 'L2 penalty on weight-norm scales (RealNVP / 
 flags.DEFINE_enum('on_nonfinite', 'stop', ['stop', 'skip'],
                   'A NaN or Inf loss or gradient: stop training with a message (the last '
                   'checkpoint stays the last good one), or skip that update and go on.')
+flags.DEFINE_integer('max_nonfinite_skips', 10, 'With --on_nonfinite=skip: stop training '
+                     '(exit status 1) when this many steps in a row had a non-finite loss or '
+                     'gradient.', lower_bound=1)
 flags.DEFINE_bool('jit_compile', True, 'XLA-compile the train and test steps. Unset '
                   'automatically under a mirrored or multiworker strategy unless given '
                   'explicitly, which is then an error (Keras compiles the whole multi-replica '

@@ -2,12 +2,17 @@
 
 ``Run.from_flags`` turns parsed absl flags into a Run or raises ``app.UsageError`` naming the
 flag (or pair of flags) at fault; modes take a Run and use its helpers for datasets and for the
-model restored from a checkpoint.
+model restored from a checkpoint. Start-up checks cost no compute and write nothing: the
+directories the modes write to (--workdir, --export_dir) must be writable directories (a test
+file is written and deleted), WORKDIR/config.json must be readable and describe the model of
+the flags, and a WORKDIR/checkpoints with checkpoints must have a usable state file.
 """
 
 import dataclasses
 import json
+import math
 import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -15,6 +20,7 @@ from absl import app
 from absl import logging
 
 import tfflows
+from tfflows import atomic
 from tfflows.data import pipeline
 from train import checkpoints
 from train import flags as train_flags
@@ -56,9 +62,14 @@ class Run:
                            f'known modes: {", ".join(known_modes)}.')
     config = _flow_config(f)
     workdir = os.path.abspath(f.workdir)
+    temperatures = _temperatures(f)
+    check_writable_dir(workdir, 'workdir', WORKDIR_SUBDIRS)
+    if 'export' in modes and f.export_dir:
+      check_writable_dir(f.export_dir, 'export_dir')
     _check_workdir_config(workdir, config)
+    checkpoints.committed(os.path.join(workdir, checkpoints.CHECKPOINTS))  # a usable state
     run = cls(flags=f, config=config, workdir=workdir, modes=modes,
-              jit_compile=_jit_compile(f), temperatures=[float(t) for t in f.temperatures])
+              jit_compile=_jit_compile(f), temperatures=temperatures)
     run._check_checkpoint_exists(trains)
     _check_combinations(f)
     return run
@@ -138,19 +149,38 @@ class Run:
     if prefix is None:
       raise UserError(f'--checkpoint={which}: no checkpoint found in {self.workdir}.')
     if prefix not in self._models:
-      model = tfflows.build_model(self.config)
+      model = self.build_model()
       checkpoints.restore_model(model, prefix)
       logging.info('restored the model of %s', prefix)
       self._models = {prefix: model}
     return self._models[prefix], prefix
 
+  def build_model(self):
+    """The model of the flags; UserError naming the problem if the flags describe none (e.g.
+    more levels than the image size allows)."""
+    try:
+      return tfflows.build_model(self.config)
+    except ValueError as error:
+      raise UserError(f'model flags: {_one_line(error)}') from None
+
   def write_workdir_config(self):
-    """Writes config.json (the model) once and flags.txt (this invocation's flags)."""
-    os.makedirs(self.workdir, exist_ok=True)
+    """Writes config.json (the model) once and flags.txt (this invocation's flags), each
+    atomically: a failing run never leaves a truncated one."""
     if not os.path.exists(self.path(CONFIG_JSON)):
       checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
-    with open(self.path(FLAGS_TXT), 'w', encoding='utf-8') as out:
-      out.write(self.flags.flags_into_string())
+    atomic.write_text(self.path(FLAGS_TXT), self.flags.flags_into_string())
+
+  def init_from_config_difference(self):
+    """' (... config.json: --width=16 there)' when the run --init_from names has a config.json
+    whose model differs from the flags' model; '' otherwise."""
+    path = os.path.abspath(self.flags.init_from)
+    for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+      stored = _read_config(os.path.join(directory, CONFIG_JSON))
+      if stored is not None:
+        differ = _config_differences(stored, self.config, where='there')
+        return (f' ({os.path.join(directory, CONFIG_JSON)} differs from the model flags: '
+                f'{"; ".join(differ)})' if differ else '')
+    return ''
 
 
 # ------------------------------------------------------------------------------- checks
@@ -175,15 +205,76 @@ def _check_workdir_config(workdir, config):
   path = os.path.join(workdir, CONFIG_JSON)
   if not os.path.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    stored = json.load(f)
-  current = config.to_dict()
-  differ = [f'--{train_flags.model_flag_name(k)}={_show(current[k])} (workdir: {_show(v)})'
-            for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+  stored = _read_config(path)
+  if stored is None:
+    raise app.UsageError(
+        f'{path} cannot be read as the JSON of a model config: it holds the model of this '
+        'workdir. Restore it, or delete it to have this run write it anew from the model flags '
+        '(a resumed run still checks them against the checkpoint).')
+  differ = _config_differences(stored, config)
   if differ:
     raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
                          f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '
                          'with, or a new --workdir.')
+
+
+def _read_config(path):
+  """The dict of a config.json, None if it is missing or not a JSON object."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return stored if isinstance(stored, dict) else None
+
+
+def _config_differences(stored, config, where='workdir'):
+  current = config.to_dict()
+  return [f'--{train_flags.model_flag_name(k)}={_show(current[k])} ({where}: {_show(v)})'
+          for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+
+
+# Subdirectories the modes write to: each that exists must be writable too.
+WORKDIR_SUBDIRS = (checkpoints.CHECKPOINTS, checkpoints.BEST, 'samples', 'export', 'tensorboard')
+
+
+def check_writable_dir(path, flag, subdirs=()):
+  """Raises app.UsageError naming --flag unless ``path`` is a directory this process can write
+  (or can be created as one): a file there is refused, and a test file is written and deleted
+  in it (or in its nearest existing parent), so a read-only or full file system is found
+  before any compute. Existing ``subdirs`` of it are tested too."""
+  path = os.path.abspath(os.fspath(path))
+  existing = path
+  while not os.path.isdir(existing):
+    if os.path.lexists(existing):
+      what = f'--{flag}={path} is' if existing == path else f'--{flag}={path}: {existing} is'
+      raise app.UsageError(f'{what} a file, not a directory.')
+    existing = os.path.dirname(existing)
+  candidates = [existing] + [os.path.join(path, d) for d in subdirs
+                             if os.path.isdir(os.path.join(path, d))]
+  for directory in candidates:
+    try:
+      fd, tmp = tempfile.mkstemp(prefix='.write_test.', suffix='.tmp', dir=directory)
+      try:
+        os.write(fd, b'\0' * 4096)
+      finally:
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as error:
+      raise app.UsageError(f'cannot write {directory}: {error.strerror} (--{flag}={path}).') \
+          from None
+
+
+def _temperatures(f):
+  temperatures = [float(t) for t in f.temperatures]
+  if not all(math.isfinite(t) for t in temperatures):
+    raise app.UsageError(f'--temperatures={",".join(f.temperatures)}: every temperature must be '
+                         'a finite number >= 0.')
+  return temperatures
+
+
+def _one_line(error):
+  return ' '.join(str(error).split())
 
 
 def _norm(value):

@@ -1,12 +1,18 @@
 """--mode=train: Keras Model.fit with the model's own train_step, resumable from the workdir.
 
-Start-up, in order:
-  1. build the model, optimizer and checkpoint under the distribution strategy's scope;
+Start-up, in order (nothing is written to the workdir before step 4, so a failed start leaves
+nothing behind):
+  1. build the model, optimizer and checkpoint under the distribution strategy's scope (the
+     checkpointer refuses a checkpoints/ directory without a usable state file, and a disk
+     without room for a checkpoint);
   2. restore the newest checkpoint of WORKDIR/checkpoints if there is one (weights, ActNorm's
      initialised flags, optimizer moments and iterations, step, SeedGenerator state);
      otherwise load the weights of --init_from (fine-tuning: fresh optimizer and schedule);
      otherwise (a fresh run) initialise ActNorm on one real training batch;
-  3. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
+  3. check that this model gives a finite log-likelihood of the probe images (test images, the
+     same ones every checkpoint is checked on);
+  4. write config.json and flags.txt (atomically);
+  5. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
      fit of the remaining S - t0 % S steps), then whole epochs up to --epochs.
 The schedule and the checkpoints key on the optimizer's iteration count, so a resumed run is at
 the same step, learning rate and optimizer state as the run that wrote the checkpoint.
@@ -18,7 +24,6 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-import tfflows
 from tfflows import optimizers
 from train import callbacks as train_callbacks
 from train import checkpoints
@@ -67,7 +72,7 @@ def build_training_model(run, schedule):
   f = run.flags
   if f.mixed_precision:
     keras.mixed_precision.set_global_policy('mixed_float16')
-  model = tfflows.build_model(run.config)
+  model = run.build_model()
   model.max_grad_norm = f.max_grad_norm
   model.scale_l2 = f.scale_l2
   optimizer = make_optimizer(f.optimizer, schedule, f.mixed_precision)
@@ -90,20 +95,30 @@ def check_mixed_precision(model, images):
 
 def initialise(run, model, checkpointer, first_batch):
   """Restores the workdir's latest checkpoint, else --init_from's weights, else initialises
-  ActNorm on a real batch (first_batch(): one training batch, read only then). Returns a
-  description for the log."""
+  ActNorm on a real batch (first_batch(): one training batch, read only then). Returns (a
+  description for the log, the checkpoint of WORKDIR/checkpoints resumed from or None)."""
   resumed = checkpointer.restore_latest()
   if resumed:
-    return f'resumed from {resumed}'
+    return f'resumed from {resumed}', resumed
   if run.flags.init_from:
     prefix = checkpoints.find_checkpoint(run.flags.init_from)
-    checkpoints.restore_model(model, prefix)
-    return f'fine-tuning from the weights of {prefix} (fresh optimizer)'
+    try:
+      checkpoints.restore_model(model, prefix)
+    except checkpoints.CheckpointError as error:
+      raise UserError(f'--init_from={run.flags.init_from}: {error}'
+                      f'{run.init_from_config_difference()}') from None
+    return f'fine-tuning from the weights of {prefix} (fresh optimizer)', None
   # ActNorm's data-dependent initialisation, in cross-replica context on one global batch, so
   # every replica starts from the same statistics.
   unscaled = model.initialize(first_batch())
   note = f'; {unscaled} channel(s) only centred (uniform batch)' if unscaled else ''
-  return f'fresh run (ActNorm initialised on one training batch{note})'
+  return f'fresh run (ActNorm initialised on one training batch{note})', None
+
+
+def probe_images(run, replicas):
+  """The images every checkpoint's model is checked on: the first test images, as many as one
+  replica's batch (the same on every worker: the test split is read in a fixed order)."""
+  return run.images('test', max(1, min(run.eval_batch_size, run.flags.batch_size) // replicas))
 
 
 def run_train(run):
@@ -117,8 +132,6 @@ def run_train(run):
                     f'of --strategy={f.strategy}.')
   chief, worker_id = is_chief(strategy)
   train_ds = run.train_dataset(seed=f.seed)  # fails early (nothing written) if data is missing
-  if chief:
-    run.write_workdir_config()
   steps_per_epoch = run.steps_per_epoch
   schedule = lr_schedule.WarmupExponentialDecay(f.learning_rate, f.warmup_steps, f.lr_decay,
                                                 steps_per_epoch)
@@ -131,8 +144,12 @@ def run_train(run):
     if f.mixed_precision:
       check_mixed_precision(model, first_batch())
     checkpointer = checkpoints.Checkpointer(run.workdir, model, model.optimizer,
-                                            f.keep_checkpoints, chief, worker_id)
-    how = initialise(run, model, checkpointer, first_batch)
+                                            f.keep_checkpoints, chief, worker_id,
+                                            probe_images=probe_images(run, replicas))
+    how, restored = initialise(run, model, checkpointer, first_batch)
+  checkpointer.check_start(how, restored)
+  if chief:
+    run.write_workdir_config()
   start = int(model.optimizer.iterations.numpy())
   total = f.epochs * steps_per_epoch
   logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s',
@@ -140,9 +157,13 @@ def run_train(run):
   summaries = train_callbacks.TensorBoardSummaries(
       run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
       run.temperatures, f.seed, write=chief)
-  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite), summaries,
+  # The checkpoint callback before the summaries: a model that gives NaN stops training with
+  # the checkpointer's message (naming the last good checkpoint) before anything samples it.
+  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite, f.max_nonfinite_skips,
+                                                  last_good=lambda: checkpointer.last_good),
                    train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
-                                                      steps_per_epoch)]
+                                                      steps_per_epoch),
+                   summaries]
   if start < total:
     # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
     # one: the data seed moves with the start step rather than replaying consumed batches.

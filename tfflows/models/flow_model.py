@@ -6,6 +6,11 @@
     model.encode(images) / model.decode(latents)
     model.distribution                     tfd distribution over dequantized images x + u
 
+With a seed, ``log_prob`` draws each image's noise from a stateless seed folded from that image's
+pixels and the seed (``tfflows.random.example_seeds``): an image's number is a function of the
+image and the seed alone, the same whatever batch it is evaluated in. ``sample`` and ``decode``
+raise ``NonFiniteError`` rather than turn NaN or Inf values into pixels.
+
 For images x, dequantization noise u ~ q(u|x) and, in augmented flows (DenseFlow), noise
 e ~ p*(e) = N(0, I), one joint sample gives the log-weight
 
@@ -34,6 +39,10 @@ from tfflows.nn.resnet import weight_norm_scales
 
 tfd = tfp.distributions
 tfb = tfp.bijectors
+
+
+class NonFiniteError(FloatingPointError):
+  """The model produced NaN or Inf values where an image or a number was asked for."""
 
 
 class FlowModel(keras.Model):
@@ -130,8 +139,10 @@ class FlowModel(keras.Model):
     return self.log_weight(images, training=training, seed=seed)
 
   def log_weight(self, images, training=None, midpoint=False, seed=None):
-    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator) or a
-    stateless [2] int seed, which makes the result deterministic."""
+    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator), a
+    stateless [2] int seed (one stream over the whole batch), or [B, 2] per-image seeds
+    (``tfflows.random.example_seeds``: image b's noise depends on seed[b] only); a stateless
+    seed makes the result deterministic."""
     seeds = _split_seeds(seed, 1 + len(self.flow.noise_shapes), self.seed_generator)
     values, log_q = self.dequantizer(images, seed=seeds[0], midpoint=midpoint)
     noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint,
@@ -154,7 +165,9 @@ class FlowModel(keras.Model):
   def log_prob(self, images, num_samples=1, seed=None):
     """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate.
 
-    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic."""
+    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic, and
+    then each image's noise comes from a seed folded from its own pixels and ``seed``, so its
+    number does not depend on the other images of the batch (nor on their number or order)."""
     images = self.check_images(images)
     if int(num_samples) < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
@@ -187,7 +200,11 @@ class FlowModel(keras.Model):
     return cache[key]
 
   def estimate_log_prob(self, images, num_samples=1, seed=None):
-    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1)."""
+    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1).
+
+    seed: None (the SeedGenerator) or a stateless [2] seed, folded per image (see log_prob)."""
+    if seed is not None:
+      seed = random.example_seeds(images, seed)
     if num_samples == 1:
       return self(images, training=False, seed=seed)
     return self.importance_weighted(images, num_samples, seed)
@@ -196,16 +213,21 @@ class FlowModel(keras.Model):
     """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
 
     Chunks of ``iw_chunk_size`` samples are evaluated as one tiled batch, so memory stays that
-    of a batch of B * chunk images for any k (k = 1000 included)."""
+    of a batch of B * chunk images for any k (k = 1000 included). seed: None or [B, 2]
+    per-image seeds; sample j of image b draws from fold_in(seed[b], j)."""
     chunk = min(self.iw_chunk_size, num_samples)
     num_chunks = -(-num_samples // chunk)
     batch = tf.shape(images)[0]
-    tiled = tf.tile(images, [chunk, 1, 1, 1])
+    tiled = tf.tile(images, [chunk, 1, 1, 1])   # row j * B + b: sample j of image b
+    if seed is not None:
+      tiled_seeds = tf.tile(seed, [chunk, 1])
+      sample_in_chunk = tf.repeat(tf.range(chunk), batch)
     running_max = tf.fill([batch], tf.constant(-np.inf, images.dtype))
     running_sum = tf.zeros([batch], images.dtype)
     for i in tf.range(num_chunks):
       valid = tf.minimum(chunk, num_samples - i * chunk)
-      chunk_seed = None if seed is None else seed + tf.stack([i + 1, 0])
+      chunk_seed = None if seed is None else random.fold_in(tiled_seeds,
+                                                             i * chunk + sample_in_chunk)
       log_w = tf.reshape(self(tiled, training=False, seed=chunk_seed), [chunk, batch])
       log_w = tf.where(tf.range(chunk)[:, None] < valid, log_w, -np.inf)
       new_max = tf.maximum(running_max, tf.reduce_max(log_w, axis=0))
@@ -216,13 +238,16 @@ class FlowModel(keras.Model):
 
   # -- generation and latents -----------------------------------------------------------------
   def sample(self, n, temperature=1.0, seed=None):
-    """n uint8 images [n, H, W, C] drawn top-down at the given temperature."""
+    """n uint8 images [n, H, W, C] drawn top-down at the given temperature.
+
+    Raises ValueError for n < 1 or a temperature that is negative, NaN or infinite, and
+    NonFiniteError if the model's samples hold NaN or Inf (a broken model: no black or white
+    images are returned in their place)."""
     if int(n) < 1:
       raise ValueError(f'n must be >= 1, got {n}.')
-    if float(temperature) < 0:
-      raise ValueError(f'temperature must be >= 0, got {temperature}.')
+    check_temperature(temperature)
     x = self.sample_values(int(n), temperature, seed)
-    return to_images(x)
+    return to_images(check_finite(x, f'model.sample(n={int(n)}, temperature={temperature})'))
 
   def sample_values(self, n, temperature=1.0, seed=None):
     """Dequantized-scale samples in [0, 256) (float) before quantisation."""
@@ -240,7 +265,8 @@ class FlowModel(keras.Model):
   def decode(self, latents):
     """uint8 images [B, H, W, C] from latents: the list ``encode`` returns, top-down, each
     [B, h, w, c] (``flow.latent_shapes``); augmentation noise is dropped. Raises ValueError
-    naming the expected count, order and shapes for anything else."""
+    naming the expected count, order and shapes for anything else, and NonFiniteError if the
+    decoded values hold NaN or Inf."""
     latents = self.flow.check_latents(latents)
     for k, z in enumerate(latents):
       if z.shape.rank != 4:
@@ -248,7 +274,7 @@ class FlowModel(keras.Model):
                          f'expected a batch [B, {", ".join(map(str, self.flow.latent_shapes[k]))}]'
                          f' of the {self.flow.describe_latents()}.')
     x, _ = self.flow.decode([tf.cast(z, self.flow_dtype) for z in latents])
-    return to_images(x)
+    return to_images(check_finite(x, 'model.decode'))
 
   @property
   def distribution(self):
@@ -319,11 +345,38 @@ class FlowModel(keras.Model):
 
 
 def _split_seeds(seed, num, seed_generator):
-  """num stateless seeds derived from one [2] seed, or the SeedGenerator num times."""
+  """num stateless seeds derived from one [2] seed or from [B, 2] per-image seeds (each image
+  keeps streams of its own), or the SeedGenerator num times."""
   if seed is None:
     return [seed_generator] * num
   seed = tf.cast(seed, tf.int32)
+  if seed.shape.rank == 2:
+    return [random.fold_in(seed, i) for i in range(num)]
   return [seed + tf.constant([0, 7919 * i], tf.int32) for i in range(num)]
+
+
+def check_temperature(temperature):
+  """Raises ValueError unless temperature is a finite number >= 0 (an infinite temperature
+  scales the prior's noise to infinity: every sample would be NaN)."""
+  t = float(temperature)
+  if not math.isfinite(t) or t < 0:
+    raise ValueError(f'temperature must be a finite number >= 0, got {temperature}.')
+  return t
+
+
+def check_finite(values, what):
+  """values, or NonFiniteError (eager) / InvalidArgumentError (in a graph) naming `what` if
+  they hold NaN or Inf."""
+  if not tf.executing_eagerly():
+    return tf.debugging.check_numerics(values, f'{what}: the model produced NaN or Inf values')
+  bad = ~np.isfinite(np.asarray(values))
+  if bad.any():
+    rows = int(np.any(bad.reshape(bad.shape[0], -1), axis=1).sum()) if bad.ndim > 1 else 1
+    raise NonFiniteError(f'{what}: {rows} of {bad.shape[0]} images hold NaN or Inf values '
+                         f'({int(bad.sum())} of {bad.size} values): the model gives non-finite '
+                         'outputs, so no images are returned (a model that produces them is '
+                         'broken: check the checkpoint it was restored from).')
+  return values
 
 
 def to_images(values):
