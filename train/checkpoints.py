@@ -23,8 +23,12 @@ rerun restores. Before every save the model's variables are checked to be finite
 never reach a checkpoint.
 """
 
+import glob
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -118,11 +122,11 @@ def check_finite(model):
 class Checkpointer:
   """Saves and restores the training state of a workdir.
 
-  is_chief: under MultiWorkerMirroredStrategy every worker restores from the workdir and takes
-  part in every save (a collective operation), but only the chief writes to the workdir; the
-  others write to a scratch directory that ``close`` deletes. The best test bits/dim so far is
-  read once from best/best.json and then kept in memory, so every worker takes the same
-  decisions.
+  is_chief: under MultiWorkerMirroredStrategy every worker restores from the workdir (if it can
+  read it) and takes part in every save, but only the chief writes to the workdir; the others
+  write to a private temporary directory (tempfile, outside the workdir) that ``close``
+  deletes. The best test bits/dim so far is read once from best/best.json and then kept in
+  memory, so every worker takes the same decisions.
   """
 
   def __init__(self, workdir, model, optimizer, keep, is_chief=True, worker_id=0):
@@ -135,7 +139,7 @@ class Checkpointer:
                                           **{MODEL_VARIABLES: list(model.variables)})
     self.is_chief = is_chief
     self.restore_dir = os.path.join(workdir, CHECKPOINTS)
-    self.root = workdir if is_chief else os.path.join(workdir, 'workers', f'tmp_{worker_id}')
+    self.root = workdir if is_chief else _scratch_dir(workdir, worker_id)
     self.best_json = os.path.join(self.root, BEST, BEST_JSON)
     self.best = read_best(os.path.join(workdir, BEST, BEST_JSON))
     self.manager = tf.train.CheckpointManager(self.checkpoint,
@@ -189,6 +193,15 @@ class Checkpointer:
     write_json(self.best_json, {'test_bits_per_dim': self.best, 'step': step, 'epoch': epoch,
                                 'checkpoint': os.path.basename(prefix)})
     return True
+
+
+def _scratch_dir(workdir, worker_id):
+  """A new temporary directory for a non-chief worker's checkpoint writes. Leftovers of the
+  same worker of the same run (a killed worker cannot delete its own) are deleted first."""
+  prefix = f'tfflows_{hashlib.sha1(workdir.encode()).hexdigest()[:10]}_worker{worker_id}_'
+  for stale in glob.glob(os.path.join(tempfile.gettempdir(), prefix + '*')):
+    shutil.rmtree(stale, ignore_errors=True)
+  return tempfile.mkdtemp(prefix=prefix)
 
 
 def read_best(path):

@@ -22,36 +22,13 @@ import tfflows
 from tfflows import optimizers
 from train import callbacks as train_callbacks
 from train import checkpoints
+from train import distributed
 from train import schedule as lr_schedule
 from train.run import UserError, say
 
 
-def make_strategy(name):
-  """tf.distribute strategy: default (one device), mirrored (local GPUs, else every logical
-  CPU device), multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG)."""
-  if name == 'default':
-    return tf.distribute.get_strategy()
-  if name == 'mirrored':
-    if tf.config.list_logical_devices('GPU'):
-      return tf.distribute.MirroredStrategy()
-    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices('CPU')])
-  if name == 'multiworker':
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  raise ValueError(f'unknown strategy {name!r}')
-
-
-def is_chief(strategy):
-  """(is_chief, task id): only the chief of a multi-worker cluster writes to the workdir (the
-  'chief' task, else worker 0 when the cluster has no chief)."""
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  task_type = getattr(resolver, 'task_type', None)
-  if not task_type:
-    return True, 0
-  task_id = resolver.task_id or 0
-  if task_type == 'chief':
-    return True, task_id
-  has_chief = 'chief' in resolver.cluster_spec().as_dict()
-  return task_type == 'worker' and task_id == 0 and not has_chief, task_id
+make_strategy = distributed.make_strategy  # the names other modules and tests use
+is_chief = distributed.is_chief
 
 
 def make_optimizer(name, learning_rate, mixed_precision=False):
@@ -62,16 +39,21 @@ def make_optimizer(name, learning_rate, mixed_precision=False):
   return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
 
 
-def build_training_model(run, schedule):
-  """The compiled FlowModel with a built optimizer (call under the strategy's scope)."""
+def build_training_model(run, schedule, per_replica_xla=False):
+  """The compiled FlowModel with a built optimizer (call under the strategy's scope).
+
+  With jit_compile on, one device has Keras compile the whole step with XLA; under a
+  strategy (per_replica_xla) each replica's forward and backward pass is one XLA program and
+  the all-reduce and the optimizer update run outside it (tfflows.models.replica_step)."""
   f = run.flags
   if f.mixed_precision:
     keras.mixed_precision.set_global_policy('mixed_float16')
   model = tfflows.build_model(run.config)
   model.max_grad_norm = f.max_grad_norm
   model.scale_l2 = f.scale_l2
+  model.replica_jit_compile = bool(run.jit_compile and per_replica_xla)
   optimizer = make_optimizer(f.optimizer, schedule, f.mixed_precision)
-  model.compile(optimizer, jit_compile=run.jit_compile)
+  model.compile(optimizer, jit_compile=bool(run.jit_compile and not per_replica_xla))
   optimizer.build(model.trainable_variables)
   return model
 
@@ -100,21 +82,37 @@ def initialise(run, model, checkpointer, first_batch):
     checkpoints.restore_model(model, prefix)
     return f'fine-tuning from the weights of {prefix} (fresh optimizer)'
   # ActNorm's data-dependent initialisation, in cross-replica context on one global batch, so
-  # every replica starts from the same statistics.
+  # every replica starts from the same statistics (across workers: the chief's, broadcast).
   model(tf.cast(first_batch(), tf.float32), training=True)
   return 'fresh run (ActNorm initialised on one training batch)'
+
+
+def synchronise_workers(strategy, model, checkpointer):
+  """Gives every worker the chief's restored or initialised state (weights, ActNorm flags,
+  optimizer moments and iterations, SeedGenerator states, step counters)."""
+  if distributed.num_workers(strategy) == 1:
+    return
+  distributed.broadcast_from_chief(
+      strategy, list(model.variables) + list(model.optimizer.variables)
+      + [checkpointer.step, checkpointer.epoch])
+  step = int(checkpointer.step.numpy())
+  if step:  # the chief resumed from ckpt-<step>: no worker saves that step again
+    checkpointer.last_saved_step = step
 
 
 def run_train(run):
   """Trains to --epochs; returns a summary dict (also logged)."""
   f = run.flags
   started = time.perf_counter()
-  strategy = make_strategy(f.strategy)
+  strategy = run.strategy
   replicas = strategy.num_replicas_in_sync
   if f.batch_size % replicas:
     raise UserError(f'--batch_size={f.batch_size} is not divisible by the {replicas} replicas '
                     f'of --strategy={f.strategy}.')
-  chief, worker_id = is_chief(strategy)
+  chief, worker_id = distributed.is_chief(strategy)
+  workers = distributed.num_workers(strategy)
+  if workers > 1:
+    distributed.log_cluster(strategy)
   train_ds = run.train_dataset(seed=f.seed)  # fails early (nothing written) if data is missing
   if chief:
     run.write_workdir_config()
@@ -126,35 +124,62 @@ def run_train(run):
     return next(iter(train_ds))
 
   with strategy.scope():
-    model = build_training_model(run, schedule)
+    model = build_training_model(run, schedule, per_replica_xla=f.strategy != 'default')
     if f.mixed_precision:
       check_mixed_precision(model, first_batch())
     checkpointer = checkpoints.Checkpointer(run.workdir, model, model.optimizer,
                                             f.keep_checkpoints, chief, worker_id)
-    how = initialise(run, model, checkpointer, first_batch)
-  start = int(model.optimizer.iterations.numpy())
-  total = f.epochs * steps_per_epoch
-  logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s',
-               how, start, total, f.epochs, steps_per_epoch, replicas, run.jit_compile)
-  summaries = train_callbacks.TensorBoardSummaries(
-      run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
-      run.temperatures, f.seed, write=chief)
-  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite), summaries,
-                   train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
-                                                      steps_per_epoch)]
-  if start < total:
-    # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
-    # one: the data seed moves with the start step rather than replaying consumed batches.
-    train_ds = run.train_dataset(seed=f.seed + start)
-    fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
-             callback_list, f.verbose)
-  else:
-    logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
-                 f.epochs, steps_per_epoch)
-  step = int(model.optimizer.iterations.numpy())
-  checkpointer.save(step, step // steps_per_epoch)  # the final state (a no-op if just saved)
-  checkpointer.close()
+  try:
+    with strategy.scope():
+      how = initialise(run, model, checkpointer, first_batch)
+      synchronise_workers(strategy, model, checkpointer)
+    start = int(model.optimizer.iterations.numpy())
+    total = f.epochs * steps_per_epoch
+    logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s%s',
+                 how, start, total, f.epochs, steps_per_epoch, replicas, run.jit_compile,
+                 ' (per replica)' if model.replica_jit_compile else '')
+    summaries = train_callbacks.TensorBoardSummaries(
+        run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
+        run.temperatures, f.seed, write=chief)
+    callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite), summaries,
+                     train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
+                                                        steps_per_epoch)]
+    if start < total:
+      # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
+      # one: the data seed moves with the start step rather than replaying consumed batches.
+      # Replica r of R reads shard r of the split (train/distributed.py).
+      train_ds = distributed.per_replica_dataset(
+          strategy, f.batch_size,
+          lambda batch, shards, index: run.train_dataset(seed=f.seed + start, batch_size=batch,
+                                                         num_shards=shards, shard_index=index))
+      fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
+               callback_list, f.verbose)
+    else:
+      logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
+                   f.epochs, steps_per_epoch)
+    step = int(model.optimizer.iterations.numpy())
+    checkpointer.save(step, step // steps_per_epoch)  # the final state (a no-op if just saved)
+    if workers > 1:
+      check_workers_agree(strategy, model)
+  except distributed.LOST_WORKER_ERRORS as error:
+    if workers == 1:
+      raise
+    raise UserError(distributed.worker_lost_message(
+        error, checkpoints.resolve(run.workdir, 'latest'))) from None
+  finally:
+    checkpointer.close()
   return _report(summaries, step, start, time.perf_counter() - started)
+
+
+def check_workers_agree(strategy, model):
+  """Every worker must end with bit-identical weights and optimizer state; UserError if not."""
+  agree, digest = distributed.workers_agree(
+      strategy, list(model.variables) + list(model.optimizer.variables))
+  if not agree:
+    raise UserError('the workers ended with different weights (a bug: report it with the logs '
+                    f'of every worker); this worker\'s sha256 is {digest}.')
+  logging.info('all %d workers hold identical weights and optimizer state (sha256 %s)',
+               distributed.num_workers(strategy), digest)
 
 
 def fit_from(model, start, total, steps_per_epoch, train_ds, test_ds, callback_list, verbose):
