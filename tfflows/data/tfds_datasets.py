@@ -99,7 +99,7 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
 
   tfds_split = source.splits[split]
   try:
-    tfds_split, input_context = _shard_split(tfds, source.tfds_name, tfds_split, data_dir,
+    tfds_split, input_context = shard_split(tfds, source.tfds_name, tfds_split, data_dir,
                                              shard)
     read_config = None
     if shuffle_files or input_context:
@@ -124,7 +124,7 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
   return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _shard_split(tfds, tfds_name, tfds_split, data_dir, shard):
+def shard_split(tfds, tfds_name, tfds_split, data_dir, shard):
   """(split, tf.distribute.InputContext or None) that read one shard of a TFDS split."""
   if not shard:
     return tfds_split, None
