@@ -12,8 +12,10 @@ at the same global batch ``--batch_size`` on random uint8 images (no data is rea
 and prints images/s of the training step (``strategy.run(model.train_step)`` as Keras runs it)
 and its split into the replica's forward and backward pass alone (``compute``: what each
 replica computes, timed under the same strategy) and the all-reduce of the gradients alone
-(``all-reduce``: ``mean_over_replicas`` of gradient-shaped tensors). What is left of a step
-(optimizer update, clipping, the per-step dispatch) is ``step - compute - all-reduce``. With
+(``all-reduce``: ``mean_over_replicas`` of gradient-shaped tensors, each replica's copies of
+the trainable variables). What is left of a step (optimizer update, clipping, the per-step
+dispatch) is ``step - compute - all-reduce``; on a shared CPU the parts overlap and contend,
+so it can come out negative. With
 --jit_compile each replica's forward and backward pass is one XLA program (one device: Keras'
 whole-step XLA). The load average is printed: on a shared machine only ratios within one run
 of this program mean anything.
@@ -79,18 +81,21 @@ def _measure(configuration):
     return strategy.run(lambda v: replica_step.loss_and_gradients(
         model, tf.cast(v, tf.float32))[2], args=(x,))
 
-  grads = compute(images)
-
   @tf.function
-  def all_reduce(g):
-    return strategy.run(replica_step.mean_over_replicas, args=(g,))
+  def all_reduce(unused):
+    # Gradient-shaped tensors: each replica's copies of the trainable variables.
+    return strategy.run(lambda: replica_step.mean_over_replicas(
+        [tf.identity(v) for v in model.trainable_variables]))
 
   out = {'configuration': configuration, 'replicas': replicas,
          'workers': distributed.num_workers(strategy), 'global_batch': FLAGS.batch_size,
          'jit_compile': FLAGS.jit_compile}
+  def local(fn):  # the values of this process's replicas, so that the timing reads them back
+    return lambda x: [strategy.experimental_local_results(v) for v in tf.nest.flatten(fn(x))]
+
   for name, fn, arg in (('step', step, images), ('compute', compute, images),
-                        ('all_reduce', all_reduce, grads)):
-    out[f'{name}_s'] = benchmark._timed(fn, (arg,), FLAGS.warmup, FLAGS.steps)  # pylint: disable=protected-access
+                        ('all_reduce', all_reduce, images)):
+    out[f'{name}_s'] = benchmark._timed(local(fn), (arg,), FLAGS.warmup, FLAGS.steps)  # pylint: disable=protected-access
   out['images_per_s'] = FLAGS.batch_size / out['step_s']
   out['gradient_mb'] = sum(int(np.prod(v.shape)) for v in model.trainable_variables) * 4 / 1e6
   return out
@@ -148,6 +153,7 @@ def main(argv):
       raise SystemExit(f'{configuration}: a child failed (exit {[p.returncode for p in processes]})')
     rows.append(json.loads(outputs[0].strip().splitlines()[-1]))
     rows[-1]['wall_s'] = time.perf_counter() - started
+    print(json.dumps(rows[-1]), flush=True)
   load_after = os.getloadavg()
   print(f'model={FLAGS.model} batch_size={FLAGS.batch_size} (global) jit_compile='
         f'{FLAGS.jit_compile} steps={FLAGS.steps} warmup={FLAGS.warmup} CPUs={os.cpu_count()}')

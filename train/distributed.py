@@ -32,10 +32,12 @@ from absl import logging
 
 # The modes every worker of a multi-worker run takes part in; the others run on the chief only.
 ALL_WORKER_MODES = ('train', 'eval')
-# The errors a collective raises when a peer is gone or the collectives were aborted.
-LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                      tf.errors.CancelledError, tf.errors.AbortedError,
-                      tf.errors.FailedPreconditionError, tf.errors.InternalError)
+# The errors a collective raises when a peer is gone (Unavailable: killed, unreachable, or
+# declared dead by the coordination service; FailedPrecondition: the peer restarted) or the
+# collectives were aborted or timed out.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.FailedPreconditionError,
+                      tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                      tf.errors.AbortedError)
 
 
 class WorkerLostError(RuntimeError):
