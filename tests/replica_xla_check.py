@@ -24,7 +24,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import tfflows  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows import optimizers  # noqa: E402  pylint: disable=wrong-import-position
 
-CONFIG = tfflows.FlowConfig(model='glow', image_shape=(8, 8, 1), num_levels=2,
+CONFIG = tfflows.FlowConfig(model='glow', image_shape=(8, 8, 1), num_levels=1,
                             steps_per_level=1, width=4)
 GLOBAL_BATCH = 8
 IMAGES = np.random.RandomState(0).randint(0, 256, (3 * GLOBAL_BATCH, 8, 8, 1)).astype(np.uint8)

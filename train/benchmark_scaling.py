@@ -95,7 +95,8 @@ def _measure(configuration):
 
   for name, fn, arg in (('step', step, images), ('compute', compute, images),
                         ('all_reduce', all_reduce, images)):
-    out[f'{name}_s'] = benchmark._timed(local(fn), (arg,), FLAGS.warmup, FLAGS.steps)  # pylint: disable=protected-access
+    timed = benchmark._timed  # pylint: disable=protected-access
+    out[f'{name}_s'] = timed(local(fn), (arg,), FLAGS.warmup, FLAGS.steps)
   out['images_per_s'] = FLAGS.batch_size / out['step_s']
   out['gradient_mb'] = sum(int(np.prod(v.shape)) for v in model.trainable_variables) * 4 / 1e6
   return out
@@ -150,7 +151,8 @@ def main(argv):
     processes = _children(configuration, sys.argv)
     outputs = [p.communicate()[0] for p in processes]
     if any(p.returncode for p in processes):
-      raise SystemExit(f'{configuration}: a child failed (exit {[p.returncode for p in processes]})')
+      codes = [p.returncode for p in processes]
+      raise SystemExit(f'{configuration}: a child failed (exit codes {codes})')
     rows.append(json.loads(outputs[0].strip().splitlines()[-1]))
     rows[-1]['wall_s'] = time.perf_counter() - started
     print(json.dumps(rows[-1]), flush=True)

@@ -29,6 +29,8 @@ import os
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+from tensorflow.python.eager import context
 
 # The modes every worker of a multi-worker run takes part in; the others run on the chief only.
 ALL_WORKER_MODES = ('train', 'eval')
@@ -72,8 +74,6 @@ def _configure_coordination_service(heartbeat_timeout_seconds):
   jobs = [j for j in ('chief', 'worker') if cluster.get(j)]
   if not jobs or config.get('task', {}).get('type') not in jobs:
     return  # no cluster: the strategy runs a single local worker
-  from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
   if context.context().coordination_service is not None:
     return
   leader = f'/job:{jobs[0]}/replica:0/task:0'

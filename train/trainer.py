@@ -5,11 +5,15 @@ Start-up, in order:
   2. restore the newest checkpoint of WORKDIR/checkpoints if there is one (weights, ActNorm's
      initialised flags, optimizer moments and iterations, step, SeedGenerator state);
      otherwise load the weights of --init_from (fine-tuning: fresh optimizer and schedule);
-     otherwise (a fresh run) initialise ActNorm on one real training batch;
+     otherwise (a fresh run) initialise ActNorm on one real training batch; with several
+     workers the chief's state is then copied to every worker (train/distributed.py);
   3. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
      fit of the remaining S - t0 % S steps), then whole epochs up to --epochs.
 The schedule and the checkpoints key on the optimizer's iteration count, so a resumed run is at
-the same step, learning rate and optimizer state as the run that wrote the checkpoint.
+the same step, learning rate and optimizer state as the run that wrote the checkpoint. Under
+--strategy=mirrored|multiworker replica r reads shard r of the training split, each replica's
+forward and backward pass is one XLA program (with --jit_compile), and a lost worker stops the
+others with a message naming the chief's last checkpoint.
 """
 
 import time
