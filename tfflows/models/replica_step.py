@@ -33,10 +33,11 @@ from tfflows import random
 
 def replica_position():
   """(replica id, number of replicas) of the current replica context; (0, 1) outside any
-  strategy. Both are Python ints (the id is a constant per replica when tracing)."""
+  strategy and in cross-replica context (one computation on the whole batch). Both are Python
+  ints (the id is a constant per replica when tracing)."""
   context = tf.distribute.get_replica_context()
   if context is None:  # cross-replica context
-    return 0, tf.distribute.get_strategy().num_replicas_in_sync
+    return 0, 1
   replicas = context.num_replicas_in_sync
   if replicas == 1:
     return 0, 1
