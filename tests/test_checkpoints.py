@@ -33,7 +33,7 @@ def _model():
   model = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
   model.compile(keras.optimizers.Adamax(1e-3))
   model.optimizer.build(model.trainable_variables)
-  model(tf.cast(_images(8), tf.float32), training=True)  # ActNorm's initialisation
+  model.initialize(_images(8))  # ActNorm's initialisation
   return model
 
 

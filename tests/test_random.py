@@ -28,7 +28,7 @@ def _images(n, seed=0, shape=(8, 8, 1)):
 
 def _initialised(config):
   model = tfflows.build_model(tfflows.FlowConfig(**config))
-  model(tf.cast(_images(16, seed=99), tf.float32), training=True)  # ActNorm's initialisation
+  model.initialize(_images(16, seed=99))  # ActNorm's initialisation
   return model
 
 

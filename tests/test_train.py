@@ -115,8 +115,6 @@ def test_bad_flag_values_name_the_flag(args, message):
     (['--image_shape=28,28,1'], 'image_shape=28,28,1 does not match'),
     (['--mode=eval'], r'--mode=eval needs a trained model'),
     (['--mode=sample,train'], r'--mode=sample needs a trained model'),
-    (['--strategy=mirrored', '--jit_compile'], r'--strategy=mirrored cannot be combined with '
-                                               '--jit_compile'),
     (['--mixed_precision'], 'mixed_precision needs a GPU'),
     (['--init_from=/nonexistent/run'], 'init_from=/nonexistent/run: no checkpoint'),
 ])
@@ -126,11 +124,13 @@ def test_contradictory_or_invalid_combinations_name_the_flags(tmp_path, args, me
     Run.from_flags(f, modes.MODES)
 
 
-def test_mirrored_strategy_turns_jit_off_unless_asked(tmp_path):
-  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--strategy=mirrored'),
-                        modes.MODES).jit_compile is False
-  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--jit_compile'),
-                        modes.MODES).jit_compile is True
+def test_strategies_keep_jit_compile(tmp_path):
+  """Under a strategy XLA compiles each replica's step (tests/test_distributed.py)."""
+  for strategy in ('default', 'mirrored', 'multiworker'):
+    for flag, expected in (('--jit_compile', True), ('--nojit_compile', False)):
+      run = Run.from_flags(_parse(f'--workdir={tmp_path}', f'--strategy={strategy}', flag),
+                           modes.MODES)
+      assert run.jit_compile is expected
 
 
 def test_cli_stops_with_a_message_naming_the_problem(tmp_path):
@@ -377,10 +377,12 @@ def test_deterministic_runs_write_identical_checkpoints(tmp_path):
 
 # ----------------------------------------------------------------------------- strategies
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  # --nojit_compile keeps this fast; XLA per replica: tests/test_distributed.py.
   result = _cli(f'--workdir={tmp_path}', '--strategy=mirrored', '--num_cpu_devices=2',
-                '--epochs=1', '--steps_per_epoch=2', '--eval_batches=1', '--mode=train')
+                '--epochs=1', '--steps_per_epoch=2', '--eval_batches=1', '--mode=train',
+                '--nojit_compile')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '2 replica(s)' in result.stderr and 'jit_compile=False' in result.stderr
+  assert '2 replica(s), jit_compile=False' in result.stderr
   prefix = os.path.join(tmp_path, 'checkpoints', 'ckpt-2')
   assert _ckpt_value(prefix, 'optimizer/_iterations') == 2
   with open(os.path.join(tmp_path, 'best', 'best.json'), encoding='utf-8') as f:

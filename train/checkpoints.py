@@ -42,10 +42,13 @@ What is committed, and what is never lost:
 """
 
 import errno
+import glob
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -387,11 +390,11 @@ def _mib(size):
 class Checkpointer:
   """Saves and restores the training state of a workdir (see the module docstring).
 
-  is_chief: under MultiWorkerMirroredStrategy every worker restores from the workdir and takes
-  part in every save (a collective operation), but only the chief writes to the workdir; the
-  others write to a scratch directory that ``close`` deletes. The best test bits/dim so far is
-  read once from best/best.json and then kept in memory, so every worker takes the same
-  decisions.
+  is_chief: under MultiWorkerMirroredStrategy every worker restores from the workdir (if it can
+  read it) and takes part in every save (a collective operation), but only the chief writes to
+  the workdir; the others write to a private temporary directory (tempfile, outside the
+  workdir) that ``close`` deletes. The best test bits/dim so far is read once from
+  best/best.json and then kept in memory, so every worker takes the same decisions.
   probe_images: uint8 images [B, H, W, C] (the same on every worker); when given, a checkpoint
   is written only if the model's log-likelihood of every one of them is finite.
 
@@ -412,7 +415,7 @@ class Checkpointer:
                                           **{MODEL_VARIABLES: list(model.variables)})
     self.is_chief = is_chief
     self.probe_images = probe_images
-    self.root = workdir if is_chief else os.path.join(workdir, 'workers', f'tmp_{worker_id}')
+    self.root = workdir if is_chief else _scratch_dir(workdir, worker_id)
     self.periodic_dir = os.path.join(self.root, CHECKPOINTS)
     self.best_dir = os.path.join(self.root, BEST)
     self.best_json = os.path.join(self.best_dir, BEST_JSON)
@@ -641,6 +644,15 @@ class Checkpointer:
       remove_checkpoint(self.best_prefix)
     self.best, self.best_prefix = float(test_bits_per_dim), prefix
     return True
+
+
+def _scratch_dir(workdir, worker_id):
+  """A new temporary directory for a non-chief worker's checkpoint writes. Leftovers of the
+  same worker of the same run (a killed worker cannot delete its own) are deleted first."""
+  prefix = f'tfflows_{hashlib.sha1(workdir.encode()).hexdigest()[:10]}_worker{worker_id}_'
+  for stale in glob.glob(os.path.join(tempfile.gettempdir(), prefix + '*')):
+    shutil.rmtree(stale, ignore_errors=True)
+  return tempfile.mkdtemp(prefix=prefix)
 
 
 # -------------------------------------------------------------------------------- JSON

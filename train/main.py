@@ -28,6 +28,7 @@ from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows.models.flow_model import NonFiniteError  # noqa: E402  pylint: disable=wrong-import-position
 from train import callbacks  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
+from train import distributed  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402  pylint: disable=wrong-import-position
 from train import modes  # noqa: E402  pylint: disable=wrong-import-position
 from train.run import Run, UserError  # noqa: E402  pylint: disable=wrong-import-position
@@ -71,6 +72,9 @@ def main(argv):
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
     for mode in run.modes:
+      if mode not in distributed.ALL_WORKER_MODES and not run.is_chief:
+        logging.info('--mode=%s: runs on the chief only', mode)
+        continue
       logging.info('--mode=%s in %s', mode, run.workdir)
       modes.MODES[mode](run)
   except STOPPING_ERRORS as error:

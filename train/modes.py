@@ -31,16 +31,22 @@ def run_eval(run):
   Each image's noise comes from --seed folded with its pixels, so an eval is reproducible and
   an image's numbers do not depend on --eval_batch_size; the IW estimate log (1/k) sum_j w_j
   is >= the bound's expectation E[log w] for every k. A NaN or Inf number stops the eval
-  (NonFiniteError) at the batch that gives it, and nothing is written."""
+  (NonFiniteError) at the batch that gives it, and nothing is written. Under
+  --strategy=multiworker worker w of W computes batches w, w + W, ... and the chief gathers
+  them (train/distributed.py), which gives the single-worker figures."""
   f = run.flags
   model, prefix = run.load_model()
   k = f.num_importance_samples
   started = time.perf_counter()
-  bound, iw = [], []
+  worker, workers = run.eval_shard
+  per_batch, sizes = {}, []  # {batch index: [size, 2] bound and IW bits/dim}
   for i, batch in enumerate(run.test_dataset(drop_remainder=False)):
-    bound.append(_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i))
-    iw.append(_finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i))
-  bound, iw = np.concatenate(bound), np.concatenate(iw)
+    sizes.append(len(batch))
+    if i % workers == worker:
+      per_batch[i] = np.stack([_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i),
+                               _finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i)],
+                              axis=1)
+  bound, iw = run.gather_batches(per_batch, sizes, width=2).T
   results = {
       'checkpoint': prefix, 'step': checkpoints.step_of(prefix), 'dataset': f.dataset,
       'split': 'test', 'num_images': int(bound.size), 'num_importance_samples': k,
@@ -48,7 +54,8 @@ def run_eval(run):
       'bits_per_dim_bound_stderr': float(bound.std() / math.sqrt(bound.size)),
       'bits_per_dim_iw_stderr': float(iw.std() / math.sqrt(iw.size)),
       'seconds': round(time.perf_counter() - started, 1)}
-  checkpoints.write_json(run.path('eval.json'), results)
+  if run.is_chief:
+    checkpoints.write_json(run.path('eval.json'), results)
   say('eval (%s, step %d, %d %s test images): bound %.4f bits/dim, importance-weighted '
       '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), results['step'],
       results['num_images'], f.dataset, results['bits_per_dim_bound'], k,

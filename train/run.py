@@ -23,6 +23,7 @@ import tfflows
 from tfflows import atomic
 from tfflows.data import pipeline
 from train import checkpoints
+from train import distributed
 from train import flags as train_flags
 
 CONFIG_JSON = 'config.json'
@@ -47,6 +48,7 @@ class Run:
   jit_compile: bool
   temperatures: list
   _models: dict = dataclasses.field(default_factory=dict)
+  _strategy: object = None
 
   # ------------------------------------------------------------------------------ creation
   @classmethod
@@ -69,7 +71,7 @@ class Run:
     _check_workdir_config(workdir, config)
     checkpoints.committed(os.path.join(workdir, checkpoints.CHECKPOINTS))  # a usable state
     run = cls(flags=f, config=config, workdir=workdir, modes=modes,
-              jit_compile=_jit_compile(f), temperatures=temperatures)
+              jit_compile=f.jit_compile, temperatures=temperatures)
     run._check_checkpoint_exists(trains)
     _check_combinations(f)
     return run
@@ -103,13 +105,14 @@ class Run:
     return os.path.join(self.workdir, *parts)
 
   # ----------------------------------------------------------------------------- datasets
-  def train_dataset(self, seed):
-    """Shuffled, augmented, repeated uint8 batches of the training split."""
+  def train_dataset(self, seed, batch_size=None, num_shards=1, shard_index=0):
+    """Shuffled, augmented, repeated uint8 batches of the training split (of --batch_size, or
+    batch_size); num_shards / shard_index: one replica's part of the split."""
     f = self.flags
     augment = (['flip'] if f.flip else []) + (['translate'] if f.translate_pixels else [])
-    return self._dataset('train', f.batch_size, shuffle=True, augment=augment,
+    return self._dataset('train', batch_size or f.batch_size, shuffle=True, augment=augment,
                          translate_pixels=f.translate_pixels, deterministic=f.deterministic,
-                         seed=seed)
+                         seed=seed, num_shards=num_shards, shard_index=shard_index)
 
   def test_dataset(self, drop_remainder=True):
     """The first --eval_batches batches (all if 0) of the test split, in a fixed order."""
@@ -139,6 +142,38 @@ class Run:
                                    data_dir=self.flags.data_dir, **kwargs)
     except FileNotFoundError as error:
       raise UserError(f'--dataset={self.flags.dataset}: data not found. {error}') from None
+
+  # ------------------------------------------------------------------------- distribution
+  @property
+  def strategy(self):
+    """The tf.distribute strategy of --strategy, made once per process (MultiWorkerMirrored-
+    Strategy configures the collectives of the process and cannot be made twice)."""
+    if self._strategy is None:
+      self._strategy = distributed.make_strategy(self.flags.strategy,
+                                                 self.flags.worker_timeout_seconds)
+    return self._strategy
+
+  @property
+  def is_chief(self):
+    """False on the workers of a multi-worker run that are not its chief (they write
+    nothing to the workdir)."""
+    return self.flags.strategy != 'multiworker' or distributed.is_chief(self.strategy)[0]
+
+  @property
+  def eval_shard(self):
+    """(this worker's index, number of workers) over which --mode=eval spreads its batches;
+    (0, 1) unless --strategy=multiworker."""
+    if self.flags.strategy != 'multiworker':
+      return 0, 1
+    return distributed.worker_index(self.strategy), distributed.num_workers(self.strategy)
+
+  def gather_batches(self, results, sizes, width):
+    """The float64 [images, width] per-image results of every batch of a stream (sizes: the
+    size of each batch), from {batch index: [size, width]} of the batches each worker
+    computed (eval_shard)."""
+    if self.flags.strategy != 'multiworker':
+      return np.concatenate([np.zeros((0, width))] + [results[i] for i in range(len(sizes))])
+    return distributed.gather_batches(self.strategy, results, sizes, width)
 
   # -------------------------------------------------------------------------------- model
   def load_model(self, which=None):
@@ -283,20 +318,6 @@ def _norm(value):
 
 def _show(value):
   return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def _jit_compile(f):
-  """jit_compile, turned off under a distribution strategy unless asked for explicitly."""
-  if f.strategy == 'default' or not f.jit_compile:
-    return f.jit_compile
-  if f['jit_compile'].present:
-    raise app.UsageError(f'--strategy={f.strategy} cannot be combined with --jit_compile: Keras '
-                         'XLA-compiles the whole multi-replica step, and XLA cannot use '
-                         'variables placed on other devices. Drop --jit_compile (it is then off '
-                         'for this strategy) or pass --nojit_compile.')
-  logging.info('--strategy=%s: jit_compile off (XLA cannot compile a multi-replica step).',
-               f.strategy)
-  return False
 
 
 def _check_combinations(f):

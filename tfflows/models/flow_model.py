@@ -35,6 +35,7 @@ from bijectors import actnorm
 from bijectors.base import attach_layer_variables
 from tfflows import random
 from tfflows.distributions import joint
+from tfflows.models import replica_step
 from tfflows.nn.resnet import weight_norm_scales
 
 tfd = tfp.distributions
@@ -65,6 +66,10 @@ class FlowModel(keras.Model):
     self.iw_chunk_size = iw_chunk_size
     self.max_grad_norm = max_grad_norm  # global-norm gradient clipping in train_step (0: off)
     self.scale_l2 = scale_l2  # L2 on weight-norm scales g (RealNVP / LCMA: 5e-5; 0: off)
+    # Under a tf.distribute strategy: XLA-compile each replica's forward and backward
+    # (tfflows.models.replica_step). Keras' own jit_compile must then be off (it would compile
+    # the whole multi-replica step, which XLA cannot).
+    self.replica_jit_compile = False
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
     # The flow's float type: the variable dtype of the Keras policy the model is built under
@@ -303,19 +308,32 @@ class FlowModel(keras.Model):
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras' TensorFlow trainer, under a strategy, reads the first batch of fit / evaluate and
+    # all-reduces it (a MEAN over replicas) only to build the model and the optimizer
+    # symbolically. A FlowModel has every weight from construction, and that all-reduce of
+    # uint8 images fails under MultiWorkerMirroredStrategy (CollectiveReduceV2 has no uint8
+    # kernel), so the optimizer is built directly instead.
+    if not self.built:
+      super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    elif self.optimizer is not None and not self.optimizer.built:
+      with self.distribute_strategy.scope():
+        self.optimizer.build(self.trainable_variables)
+
   @property
   def metrics(self):
     return [m for m in (getattr(self, 'bpd_tracker', None),
                         getattr(self, 'grad_norm_tracker', None)) if m is not None]
 
   def train_step(self, data):
+    """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
+    context; ``replica_step`` has the forward and backward per replica (XLA-compiled per
+    replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
+    on the reduced gradients: the single-device step on the global batch (see there for what
+    stays per replica)."""
     images = tf.cast(_images_of(data), self.flow_dtype)
-    with tf.GradientTape() as tape:
-      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
-      loss = bpd + self.regularization()
-    grads = tape.gradient(loss, self.trainable_variables)
-    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
-    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    bpd, loss, grads = replica_step.loss_and_gradients(self, images)
+    bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
@@ -324,11 +342,23 @@ class FlowModel(keras.Model):
     # and the trainer reports it. One broadcasting select per gradient.
     finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
     grads = [tf.where(finite, g, tf.constant(0., g.dtype)) for g in grads]
-    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    replica_step.apply_reduced_gradients(self.optimizer, zip(grads, self.trainable_variables))
     self.bpd_tracker.update_state(bpd)
     self.grad_norm_tracker.update_state(grad_norm)
-    return {'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
-            'loss': loss, 'finite': tf.cast(finite, tf.float32)}
+    return replica_step.keras_logs({
+        'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
+        'loss': loss, 'finite': tf.cast(finite, tf.float32)})
+
+  def loss_and_gradients(self, images):
+    """(bits/dim, loss, gradients) of float images [B, H, W, C]: the mean one-sample bound of
+    the batch plus the regularisation, and its gradient for every trainable variable."""
+    with tf.GradientTape() as tape:
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
+      loss = bpd + self.regularization()
+    grads = tape.gradient(loss, self.trainable_variables)
+    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
+    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    return bpd, loss, grads
 
   def regularization(self):
     """scale_l2 * sum ||g||^2 over the weight-norm scales (zero when scale_l2 is 0)."""
@@ -339,9 +369,10 @@ class FlowModel(keras.Model):
 
   def test_step(self, data):
     images = tf.cast(_images_of(data), self.flow_dtype)
-    bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
+    with random.replica_rows(*replica_step.replica_position()):  # distinct noise per replica
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
     self.bpd_tracker.update_state(bpd)
-    return {'bpd': self.bpd_tracker.result()}
+    return replica_step.keras_logs({'bpd': self.bpd_tracker.result()})
 
 
 def _split_seeds(seed, num, seed_generator):
