@@ -232,7 +232,7 @@ class Repeated(base.FlowBijector):
         values[j][k] = np.asarray(v.numpy())
     self._template = _Hidden(template)
     self._template_variables = _Hidden(tuple(variables))
-    return StackedWeights(variables, template.layers, values, name=f'{name}_steps')
+    return StackedWeights(variables, template.layers, values, name=f'{name}_stacked')
 
   def _built(self, step):
     """The step with every Keras layer built (one inverse pass on zeros if needed)."""
@@ -395,7 +395,9 @@ class _StepLoop:
     def loop(*args):
       weights = dict(zip(self.trainable, args[n:]))
       arrays = {**others, **weights}
-      inputs = [tf.TensorArray(h.dtype, size=num, element_shape=h.shape) for h in flat]
+      # Read by every call of grad (a persistent tape or a Jacobian calls it more than once).
+      inputs = [tf.TensorArray(h.dtype, size=num, element_shape=h.shape, clear_after_read=False)
+                for h in flat]
       outs = [tf.TensorArray(values[j].dtype, size=num, element_shape=values[j].shape[1:])
               for j in self.carried]
 

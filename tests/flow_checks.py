@@ -63,3 +63,14 @@ def _np(t):
 
 def _per_example(ldj, batch):
   return np.broadcast_to(np.asarray(ldj, dtype=np.float64), [batch])
+
+
+def first_level_networks(model):
+  """The weights of the coupling networks of a Glow's first level (its steps' convolutions,
+  stacked over the steps or one step's), for tests that poison a model: set to 1e30 they are
+  finite weights whose model gives NaN."""
+  weights = [w for w in model.weights
+             if w.path.startswith('level0_') and 'conv_' in w.path.split('/', 1)[-1]]
+  if not weights:
+    raise ValueError('no coupling-network weights under level0_ in this model')
+  return weights

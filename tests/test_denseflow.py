@@ -447,6 +447,13 @@ def test_benchmark_program_reports_every_part():
   for r in rows:
     assert r.images_per_s > 0 and r.s_per_call > 0 and r.peak_rss_gb > 0
     assert r.trace_s > 0 and r.first_call_s > 0 and r.cpu_s_per_call > 0
-    assert r.graph_ops >= r.top_level_ops > 0 and np.isnan(r.hlo_mb)   # no HLO without XLA
-    assert r.tensor_peak_gb > 0 or np.isnan(r.tensor_peak_gb)  # NaN: no allocator statistics
-  assert 'tensor peak GB' in benchmark.format_table(rows)
+    assert r.graph_ops >= r.top_level_ops > 0 and r.hlo_mb is None   # no HLO without XLA
+    # None where the allocator keeps no statistics (TensorFlow's plain CPU allocator, with
+    # oneDNN off): reported as unavailable, never asserted. With oneDNN on, the CPU allocator
+    # counts only allocations of 256 KiB or more, so this tiny model may read 0.
+    assert r.tensor_peak_gb is None or r.tensor_peak_gb >= 0
+  table = benchmark.format_table(rows).splitlines()
+  assert 'tensor peak GB' in table[0] and len(table) == 4
+  for line, r in zip(table[1:], rows):
+    expected = 'unavailable' if r.tensor_peak_gb is None else f'{r.tensor_peak_gb:.2f}'
+    assert line.split()[-1] == expected and line.split()[-3] == '-'

@@ -305,6 +305,11 @@ def test_auto_precision_decision(gpus, cpu_flags, expected):
   assert precision.auto_precision(gpus, cpu_flags) == expected
   assert precision.resolve_precision('auto', (gpus, cpu_flags)) == expected
   assert precision.resolve_precision('float32', (gpus, cpu_flags)) == 'float32'
+  # Without oneDNN's kernels a CPU computes bfloat16 slowly; a GPU decides alone.
+  assert precision.auto_precision(gpus, cpu_flags, onednn=False) == (
+      expected if gpus else 'float32')
+  assert precision.resolve_precision('auto', (gpus, cpu_flags, False)) == (
+      expected if gpus else 'float32')
 
 
 def test_auto_precision_keeps_a_float64_policy(float64):

@@ -36,14 +36,14 @@ decode to x_A and x_B exactly. Dividing by D makes the weights independent of th
 The points decouple, so all interior points of all pairs are optimised as one batch.
 
 Differentiating through level inverses needs inverses with gradients; mAR-SCF's MixLogCDF
-couplings provide them (``tfflows.models.marscf.ImplicitGradMixLogCDFCoupling``), affine
+couplings provide them (``bijectors.mixlogcdf``: implicit-function gradients), affine
 couplings have them by construction.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from tfflows.models.flow_model import to_images
+from tfflows.models.flow_model import check_finite, to_images
 
 ADAMAX_BETA1 = 0.9
 ADAMAX_BETA2 = 0.999
@@ -125,7 +125,8 @@ def mar_interpolation(model, images_a, images_b, steps, iterations=100, learning
                                        learning_rate, lambda1, lambda2)
   flat = [tf.reshape(z, [-1] + z.shape[2:].as_list()) for z in path]
   x, _ = model.flow.decode(flat)
-  images = tf.reshape(to_images(x), [-1, int(steps)] + list(model.image_shape))
+  images = tf.reshape(to_images(check_finite(x, 'mar_interpolation')),
+                      [-1, int(steps)] + list(model.image_shape))
   return (images, info) if return_info else images
 
 

@@ -86,18 +86,6 @@ def checkpoint_values(prefix, count=None, root=MODEL_VARIABLES):
   return [reader.get_tensor(f'{root}/{i}/.ATTRIBUTES/VARIABLE_VALUE') for i in range(count)]
 
 
-def first_shape_mismatch(prefix, variables, root=MODEL_VARIABLES):
-  """A description of the first of ``variables`` whose shape differs from value i of ``root``'s
-  list in checkpoint ``prefix`` ('' if none does)."""
-  shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-  for i, v in enumerate(variables):
-    stored = shapes.get(f'{root}/{i}/.ATTRIBUTES/VARIABLE_VALUE')
-    if stored is not None and tuple(stored) != tuple(v.shape):
-      return (f'model variable {i} ({v.path}) has shape {tuple(stored)} there and '
-              f'{tuple(v.shape)} in the model built from the flags')
-  return ''
-
-
 def unrolled_checkpoint_message(prefix, model, stored):
   """A sentence explaining the refusal when checkpoint ``prefix`` (``stored`` model variables)
   holds this loop-layout model in the unrolled layout; '' when it does not."""

@@ -42,7 +42,12 @@ Two memory figures per part:
     tensor peak  the peak of the bytes TensorFlow's allocator held for tensors during the part
                  (``tf.config.experimental.get_memory_info``, reset before each part) on the
                  device the part ran on: weights, optimizer slots, activations, gradients; the
-                 counterpart of ``torch.cuda.max_memory_allocated``.
+                 counterpart of ``torch.cuda.max_memory_allocated``. Printed as "unavailable"
+                 (None in the rows) where the allocator keeps no statistics: TensorFlow's
+                 plain CPU allocator (oneDNN off: TF_ENABLE_ONEDNN_OPTS=0, or its default on
+                 CPUs without AVX512-VNNI/BF16, AVX-VNNI or AMX) keeps none. With oneDNN on,
+                 the CPU allocator counts only allocations of 256 KiB or more (smaller ones
+                 read 0), so on CPU the figure is a lower bound and 0 for tiny models.
 
 The load average of the machine is printed before and after: the figures are only comparable on
 a quiet machine.
@@ -99,12 +104,12 @@ def reset_tensor_peak():
 
 
 def tensor_peak_gb():
-  """Peak bytes the device's allocator held for tensors since the last reset, in GB (NaN
-  when the allocator keeps no statistics)."""
+  """Peak bytes the device's allocator held for tensors since the last reset, in GB, or None
+  when the allocator keeps no statistics (the figure is unavailable, not zero)."""
   try:
     return tf.config.experimental.get_memory_info(_device())['peak'] / 1e9
   except ValueError:
-    return float('nan')
+    return None
 
 
 def build_config(flag_values):
@@ -151,9 +156,13 @@ def _measure(part, fn, args, batch_size, warmup, steps, jit_compile):
   trace_s = time.perf_counter() - start
   ops = graph_op_count(concrete)
   top_level_ops = len(concrete.graph.get_operations())
+  # Printed at once, so that a run stopped during a long compilation still reports them.
+  print(f'{part}: traced in {trace_s:.1f} s, {ops} graph ops; first call...', flush=True)
   start = time.perf_counter()
   tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
   first_call_s = time.perf_counter() - start
+  print(f'{part}: first call {first_call_s:.1f} s; peak RSS {peak_memory_gb():.2f} GB',
+        flush=True)
   out = None
   for _ in range(warmup - 1):
     out = fn(*args)
@@ -166,7 +175,7 @@ def _measure(part, fn, args, batch_size, warmup, steps, jit_compile):
   seconds = (time.perf_counter() - start) / steps
   cpu_seconds = (time.process_time() - cpu) / steps
   peak, tensors = peak_memory_gb(), tensor_peak_gb()
-  hlo_mb = float('nan')
+  hlo_mb = None
   if jit_compile:
     hlo_mb = len(fn.experimental_get_compiler_ir(*args)(stage='hlo')) / 1e6
   return Row(part, batch_size / seconds, seconds, cpu_seconds, trace_s, first_call_s, ops,
@@ -176,7 +185,8 @@ def _measure(part, fn, args, batch_size, warmup, steps, jit_compile):
 def run_benchmark(config, batch_size, parts, steps, warmup, jit_compile, optimizer='adamax',
                   learning_rate=1e-3, seed=0):
   """Returns (rows, info): a ``Row`` per part (images/s, seconds per call, trace and first-call
-  seconds, graph ops, HLO MB with jit_compile, peak RSS GB so far, tensor peak GB of the part)."""
+  seconds, graph ops, HLO MB with jit_compile (None without), peak RSS GB so far, tensor peak GB
+  of the part or None where unavailable)."""
   keras.utils.set_random_seed(seed)
   start = time.perf_counter()
   model = tfflows.build_model(config)
@@ -212,9 +222,16 @@ def format_table(rows):
   for r in rows:
     lines.append(f'{r.part:<8} {r.images_per_s:>10.2f} {r.s_per_call:>9.3f} '
                  f'{r.cpu_s_per_call:>11.3f} {r.trace_s:>9.1f} {r.first_call_s:>13.1f} '
-                 f'{r.graph_ops:>10d} {r.hlo_mb:>8.2f} {r.peak_rss_gb:>12.2f} '
-                 f'{r.tensor_peak_gb:>15.2f}')
+                 f'{r.graph_ops:>10d} {_number(r.hlo_mb, 8, "-")} {r.peak_rss_gb:>12.2f} '
+                 f'{_number(r.tensor_peak_gb, 15, "unavailable")}')
   return '\n'.join(lines)
+
+
+def _number(value, width, missing):
+  """``value`` to 2 decimals, right-aligned in ``width``; ``missing`` for None."""
+  if value is None:
+    return f'{missing:>{width}}'
+  return f'{value:>{width}.2f}'
 
 
 def main(argv):

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 import tfflows
+from tfflows.models.flow_model import NonFiniteError
 
 from train import checkpoints
 from train import trainer
@@ -27,17 +28,25 @@ def run_eval(run):
   """Test bits/dim: the one-sample bound and the k-sample importance-weighted estimate over
   --eval_batches batches (all if 0), written to WORKDIR/eval.json.
 
-  Batch i uses the stateless seed --seed + i, so an eval is reproducible; the IW estimate
-  log (1/k) sum_j w_j is >= the bound's expectation E[log w] for every k."""
+  Each image's noise comes from --seed folded with its pixels, so an eval is reproducible and
+  an image's numbers do not depend on --eval_batch_size; the IW estimate log (1/k) sum_j w_j
+  is >= the bound's expectation E[log w] for every k. A NaN or Inf number stops the eval
+  (NonFiniteError) at the batch that gives it, and nothing is written. Under
+  --strategy=multiworker worker w of W computes batches w, w + W, ... and the chief gathers
+  them (train/distributed.py), which gives the single-worker figures."""
   f = run.flags
   model, prefix = run.load_model()
   k = f.num_importance_samples
   started = time.perf_counter()
-  bound, iw = [], []
+  worker, workers = run.eval_shard
+  per_batch, sizes = {}, []  # {batch index: [size, 2] bound and IW bits/dim}
   for i, batch in enumerate(run.test_dataset(drop_remainder=False)):
-    bound.append(model.bits_per_dim(batch, 1, seed=f.seed + i).numpy())
-    iw.append(model.bits_per_dim(batch, k, seed=f.seed + i).numpy())
-  bound, iw = np.concatenate(bound), np.concatenate(iw)
+    sizes.append(len(batch))
+    if i % workers == worker:
+      per_batch[i] = np.stack([_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i),
+                               _finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i)],
+                              axis=1)
+  bound, iw = run.gather_batches(per_batch, sizes, width=2).T
   results = {
       'checkpoint': prefix, 'step': checkpoints.step_of(prefix), 'dataset': f.dataset,
       'split': 'test', 'num_images': int(bound.size), 'num_importance_samples': k,
@@ -45,12 +54,22 @@ def run_eval(run):
       'bits_per_dim_bound_stderr': float(bound.std() / math.sqrt(bound.size)),
       'bits_per_dim_iw_stderr': float(iw.std() / math.sqrt(iw.size)),
       'seconds': round(time.perf_counter() - started, 1)}
-  checkpoints.write_json(run.path('eval.json'), results)
+  if run.is_chief:
+    checkpoints.write_json(run.path('eval.json'), results)
   say('eval (%s, step %d, %d %s test images): bound %.4f bits/dim, importance-weighted '
       '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), results['step'],
       results['num_images'], f.dataset, results['bits_per_dim_bound'], k,
       results['bits_per_dim_iw'], run.path('eval.json'))
   return results
+
+
+def _finite(bits_per_dim, prefix, batch):
+  bad = ~np.isfinite(bits_per_dim)
+  if bad.any():
+    raise NonFiniteError(f'eval: the model of {prefix} gives NaN or Inf bits/dim for '
+                         f'{int(bad.sum())} of {bad.size} test images of batch {batch}; nothing '
+                         'is written (a model that gives them is broken: check the checkpoint).')
+  return bits_per_dim
 
 
 # ---------------------------------------------------------------------------------- samples
@@ -167,9 +186,9 @@ def run_export(run):
   model, prefix = run.load_model()
   base = f.export_dir or run.path('export')
   export_dir = os.path.join(base, str(checkpoints.step_of(prefix)))
-  export.export_saved_model(model, export_dir, num_importance_samples=f.export_importance_samples,
-                            overwrite=True)
   images = run.images('test', 8)
+  export.export_saved_model(model, export_dir, num_importance_samples=f.export_importance_samples,
+                            overwrite=True, check_images=images)
   loaded, _ = export.load_exported(export_dir)
   served = export.serve_log_prob(loaded, images)['bits_per_dim']
   python = model.bits_per_dim(images, f.export_importance_samples,

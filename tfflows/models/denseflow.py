@@ -32,7 +32,7 @@ only.
 Precision: ``conditioner_precision`` (``tfflows.nn.precision``): 'auto' (the default) makes the
 networks -- coupling conditioners, cross-unit nets g_i, the dequantizer's context and coupling
 nets -- compute in bfloat16 where the hardware does so natively (NVIDIA compute capability >= 8.0,
-CPUs with AVX512-BF16 or AMX) and in float32 elsewhere; 'bfloat16', 'float16' (GPUs) or
+CPUs with AVX512-BF16 or AMX running oneDNN kernels) and in float32 elsewhere; 'bfloat16', 'float16' (GPUs) or
 'float32' force one (Keras mixed policies: float32 variables). Network outputs are cast to
 float32 before use, so the flow itself, every log-det, the noise densities and the priors stay
 float32, and the inverse stays exact (it recomputes the same network outputs from the same

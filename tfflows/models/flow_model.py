@@ -6,6 +6,11 @@
     model.encode(images) / model.decode(latents)
     model.distribution                     tfd distribution over dequantized images x + u
 
+With a seed, ``log_prob`` draws each image's noise from a stateless seed folded from that image's
+pixels and the seed (``tfflows.random.example_seeds``): an image's number is a function of the
+image and the seed alone, the same whatever batch it is evaluated in. ``sample`` and ``decode``
+raise ``NonFiniteError`` rather than turn NaN or Inf values into pixels.
+
 For images x, dequantization noise u ~ q(u|x) and, in augmented flows (DenseFlow), noise
 e ~ p*(e) = N(0, I), one joint sample gives the log-weight
 
@@ -27,12 +32,18 @@ import tensorflow_probability as tfp
 from absl import logging
 
 from bijectors import actnorm
+from bijectors.base import attach_layer_variables
 from tfflows import random
 from tfflows.distributions import joint
+from tfflows.models import replica_step
 from tfflows.nn.resnet import weight_norm_scales
 
 tfd = tfp.distributions
 tfb = tfp.bijectors
+
+
+class NonFiniteError(FloatingPointError):
+  """The model produced NaN or Inf values where an image or a number was asked for."""
 
 
 class FlowModel(keras.Model):
@@ -55,8 +66,15 @@ class FlowModel(keras.Model):
     self.iw_chunk_size = iw_chunk_size
     self.max_grad_norm = max_grad_norm  # global-norm gradient clipping in train_step (0: off)
     self.scale_l2 = scale_l2  # L2 on weight-norm scales g (RealNVP / LCMA: 5e-5; 0: off)
+    # Under a tf.distribute strategy: XLA-compile each replica's forward and backward
+    # (tfflows.models.replica_step). Keras' own jit_compile must then be off (it would compile
+    # the whole multi-replica step, which XLA cannot).
+    self.replica_jit_compile = False
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
+    # The flow's float type: the variable dtype of the Keras policy the model is built under
+    # (float32 by default, float64 under a float64 policy; mixed policies keep float32 flows).
+    self.flow_dtype = tf.as_dtype(self.dtype_policy.variable_dtype)
     self._build_weights()
 
   # -- construction ---------------------------------------------------------------------------
@@ -64,7 +82,7 @@ class FlowModel(keras.Model):
     """Creates every weight by one generative pass (ActNorm stays uninitialised, the identity,
     until ``initialize``) and one dequantizer pass."""
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
-    self.dequantizer(tf.zeros((1,) + self.image_shape), midpoint=True)
+    self.dequantizer(tf.zeros((1,) + self.image_shape, self.flow_dtype), midpoint=True)
     self.built = True
 
   # -- data-dependent initialisation ----------------------------------------------------------
@@ -108,7 +126,8 @@ class FlowModel(keras.Model):
 
   # -- input checks ---------------------------------------------------------------------------
   def check_images(self, images):
-    """Converts uint8 images [B, H, W, C] to float32, or raises ValueError naming the problem."""
+    """Converts uint8 images [B, H, W, C] to ``flow_dtype``, or raises ValueError naming the
+    problem."""
     if not isinstance(images, tf.Tensor) or tf.executing_eagerly():
       images = _as_checked_array(images, self.image_shape)
     images = tf.convert_to_tensor(images)
@@ -117,7 +136,7 @@ class FlowModel(keras.Model):
     if images.shape.rank != 4 or tuple(images.shape[1:]) != self.image_shape:
       raise ValueError(f'Expected images of shape [batch, {", ".join(map(str, self.image_shape))}]'
                        f', got {images.shape}.')
-    return tf.cast(images, tf.float32)
+    return tf.cast(images, self.flow_dtype)
 
   # -- the likelihood -------------------------------------------------------------------------
   def call(self, images, training=None, seed=None):
@@ -125,8 +144,10 @@ class FlowModel(keras.Model):
     return self.log_weight(images, training=training, seed=seed)
 
   def log_weight(self, images, training=None, midpoint=False, seed=None):
-    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator) or a
-    stateless [2] int seed, which makes the result deterministic."""
+    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator), a
+    stateless [2] int seed (one stream over the whole batch), or [B, 2] per-image seeds
+    (``tfflows.random.example_seeds``: image b's noise depends on seed[b] only); a stateless
+    seed makes the result deterministic."""
     seeds = _split_seeds(seed, 1 + len(self.flow.noise_shapes), self.seed_generator)
     values, log_q = self.dequantizer(images, seed=seeds[0], midpoint=midpoint)
     noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint,
@@ -140,15 +161,18 @@ class FlowModel(keras.Model):
     seeds = seeds or [self.seed_generator] * len(self.flow.noise_shapes)
     for shape, seed in zip(self.flow.noise_shapes, seeds):
       full = tf.concat([[batch], shape], axis=0)
-      e = tf.zeros(full) if zero else random.normal(full, seed)
+      e = tf.zeros(full, self.flow_dtype) if zero else random.normal(full, seed, self.flow_dtype)
       noise.append(e)
-      log_p = log_p + tf.reduce_sum(tfd.Normal(0., 1.).log_prob(e), axis=[1, 2, 3])
+      log_p = log_p + tf.reduce_sum(tfd.Normal(tf.zeros([], e.dtype), 1.).log_prob(e),
+                                    axis=[1, 2, 3])
     return noise, log_p
 
   def log_prob(self, images, num_samples=1, seed=None):
     """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate.
 
-    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic."""
+    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic, and
+    then each image's noise comes from a seed folded from its own pixels and ``seed``, so its
+    number does not depend on the other images of the batch (nor on their number or order)."""
     images = self.check_images(images)
     if int(num_samples) < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
@@ -170,7 +194,7 @@ class FlowModel(keras.Model):
       # One trace with an unknown batch size (tfflows.export serves the same graph): with a
       # static batch, Grappler's arithmetic optimizer regroups the sums of log-terms into AddN,
       # which changes the result by an ulp, so the served log_prob would differ from this one.
-      images_spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
+      images_spec = tf.TensorSpec((None,) + self.image_shape, self.flow_dtype)
       if seeded:
         fn = tf.function(lambda x, seed: self.estimate_log_prob(x, num_samples, seed),
                          input_signature=[images_spec, tf.TensorSpec([2], tf.int32)])
@@ -181,7 +205,11 @@ class FlowModel(keras.Model):
     return cache[key]
 
   def estimate_log_prob(self, images, num_samples=1, seed=None):
-    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1)."""
+    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1).
+
+    seed: None (the SeedGenerator) or a stateless [2] seed, folded per image (see log_prob)."""
+    if seed is not None:
+      seed = random.example_seeds(images, seed)
     if num_samples == 1:
       return self(images, training=False, seed=seed)
     return self.importance_weighted(images, num_samples, seed)
@@ -190,33 +218,41 @@ class FlowModel(keras.Model):
     """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
 
     Chunks of ``iw_chunk_size`` samples are evaluated as one tiled batch, so memory stays that
-    of a batch of B * chunk images for any k (k = 1000 included)."""
+    of a batch of B * chunk images for any k (k = 1000 included). seed: None or [B, 2]
+    per-image seeds; sample j of image b draws from fold_in(seed[b], j)."""
     chunk = min(self.iw_chunk_size, num_samples)
     num_chunks = -(-num_samples // chunk)
     batch = tf.shape(images)[0]
-    tiled = tf.tile(images, [chunk, 1, 1, 1])
-    running_max = tf.fill([batch], -np.inf)
-    running_sum = tf.zeros([batch])
+    tiled = tf.tile(images, [chunk, 1, 1, 1])   # row j * B + b: sample j of image b
+    if seed is not None:
+      tiled_seeds = tf.tile(seed, [chunk, 1])
+      sample_in_chunk = tf.repeat(tf.range(chunk), batch)
+    running_max = tf.fill([batch], tf.constant(-np.inf, images.dtype))
+    running_sum = tf.zeros([batch], images.dtype)
     for i in tf.range(num_chunks):
       valid = tf.minimum(chunk, num_samples - i * chunk)
-      chunk_seed = None if seed is None else seed + tf.stack([i + 1, 0])
+      chunk_seed = None if seed is None else random.fold_in(tiled_seeds,
+                                                             i * chunk + sample_in_chunk)
       log_w = tf.reshape(self(tiled, training=False, seed=chunk_seed), [chunk, batch])
       log_w = tf.where(tf.range(chunk)[:, None] < valid, log_w, -np.inf)
       new_max = tf.maximum(running_max, tf.reduce_max(log_w, axis=0))
       running_sum = (running_sum * tf.exp(running_max - new_max)
                      + tf.reduce_sum(tf.exp(log_w - new_max), axis=0))
       running_max = new_max
-    return running_max + tf.math.log(running_sum) - tf.math.log(tf.cast(num_samples, tf.float32))
+    return running_max + tf.math.log(running_sum) - tf.math.log(tf.cast(num_samples, images.dtype))
 
   # -- generation and latents -----------------------------------------------------------------
   def sample(self, n, temperature=1.0, seed=None):
-    """n uint8 images [n, H, W, C] drawn top-down at the given temperature."""
+    """n uint8 images [n, H, W, C] drawn top-down at the given temperature.
+
+    Raises ValueError for n < 1 or a temperature that is negative, NaN or infinite, and
+    NonFiniteError if the model's samples hold NaN or Inf (a broken model: no black or white
+    images are returned in their place)."""
     if int(n) < 1:
       raise ValueError(f'n must be >= 1, got {n}.')
-    if float(temperature) < 0:
-      raise ValueError(f'temperature must be >= 0, got {temperature}.')
+    check_temperature(temperature)
     x = self.sample_values(int(n), temperature, seed)
-    return to_images(x)
+    return to_images(check_finite(x, f'model.sample(n={int(n)}, temperature={temperature})'))
 
   def sample_values(self, n, temperature=1.0, seed=None):
     """Dequantized-scale samples in [0, 256) (float) before quantisation."""
@@ -232,20 +268,39 @@ class FlowModel(keras.Model):
     return latents
 
   def decode(self, latents):
-    """uint8 images from latents (top-down list); augmentation noise is dropped."""
-    x, _ = self.flow.decode(latents)
-    return to_images(x)
+    """uint8 images [B, H, W, C] from latents: the list ``encode`` returns, top-down, each
+    [B, h, w, c] (``flow.latent_shapes``); augmentation noise is dropped. Raises ValueError
+    naming the expected count, order and shapes for anything else, and NonFiniteError if the
+    decoded values hold NaN or Inf."""
+    latents = self.flow.check_latents(latents)
+    for k, z in enumerate(latents):
+      if z.shape.rank != 4:
+        raise ValueError(f'decode: latent {k} (top-down) has shape {z.shape.as_list()}; '
+                         f'expected a batch [B, {", ".join(map(str, self.flow.latent_shapes[k]))}]'
+                         f' of the {self.flow.describe_latents()}.')
+    x, _ = self.flow.decode([tf.cast(z, self.flow_dtype) for z in latents])
+    return to_images(check_finite(x, 'model.decode'))
 
   @property
   def distribution(self):
     """tfd.TransformedDistribution over dequantized images x + u in [0, 256)^D (for augmented
     flows, over the structure [x + u, e_1, ..., e_m]); its base is the joint prior over the
-    latent structure, so its log_prob is exact."""
+    latent structure, so its log_prob is exact.
+
+    TFP's contract holds: any sample shape (``sample()`` gives one [H, W, C] image), any number
+    of leading axes in ``log_prob`` (one image gives a scalar), batch shape [], and
+    ``trainable_variables`` are the model's weights minus the dequantizer's, so a tape over
+    ``log_prob`` and an optimizer over ``trainable_variables`` train the model."""
     return self.make_distribution()
 
   def make_distribution(self, temperature=1.0):
+    """``distribution`` with the prior at the given temperature."""
     prior = joint.joint_prior(self.flow, self.priors, temperature)
-    return tfd.TransformedDistribution(prior, tfb.Invert(self.flow), name='flow_distribution')
+    distribution = tfd.TransformedDistribution(prior, tfb.Invert(self.flow),
+                                               name='flow_distribution')
+    # TFP's variable walk expands composite distributions (the joint prior) into their tensor
+    # parts instead of visiting their attributes, so the priors' weights are attached here too.
+    return attach_layer_variables(distribution, list(self.priors) + self.flow.layers)
 
   # -- Keras training -------------------------------------------------------------------------
   def compile(self, optimizer, **kwargs):
@@ -253,19 +308,32 @@ class FlowModel(keras.Model):
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras' TensorFlow trainer, under a strategy, reads the first batch of fit / evaluate and
+    # all-reduces it (a MEAN over replicas) only to build the model and the optimizer
+    # symbolically. A FlowModel has every weight from construction, and that all-reduce of
+    # uint8 images fails under MultiWorkerMirroredStrategy (CollectiveReduceV2 has no uint8
+    # kernel), so the optimizer is built directly instead.
+    if not self.built:
+      super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    elif self.optimizer is not None and not self.optimizer.built:
+      with self.distribute_strategy.scope():
+        self.optimizer.build(self.trainable_variables)
+
   @property
   def metrics(self):
     return [m for m in (getattr(self, 'bpd_tracker', None),
                         getattr(self, 'grad_norm_tracker', None)) if m is not None]
 
   def train_step(self, data):
-    images = tf.cast(_images_of(data), tf.float32)
-    with tf.GradientTape() as tape:
-      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
-      loss = bpd + self.regularization()
-    grads = tape.gradient(loss, self.trainable_variables)
-    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
-    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
+    context; ``replica_step`` has the forward and backward per replica (XLA-compiled per
+    replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
+    on the reduced gradients: the single-device step on the global batch (see there for what
+    stays per replica)."""
+    images = tf.cast(_images_of(data), self.flow_dtype)
+    bpd, loss, grads = replica_step.loss_and_gradients(self, images)
+    bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
@@ -274,11 +342,23 @@ class FlowModel(keras.Model):
     # and the trainer reports it. One broadcasting select per gradient.
     finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
     grads = [tf.where(finite, g, tf.constant(0., g.dtype)) for g in grads]
-    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    replica_step.apply_reduced_gradients(self.optimizer, zip(grads, self.trainable_variables))
     self.bpd_tracker.update_state(bpd)
     self.grad_norm_tracker.update_state(grad_norm)
-    return {'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
-            'loss': loss, 'finite': tf.cast(finite, tf.float32)}
+    return replica_step.keras_logs({
+        'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
+        'loss': loss, 'finite': tf.cast(finite, tf.float32)})
+
+  def loss_and_gradients(self, images):
+    """(bits/dim, loss, gradients) of float images [B, H, W, C]: the mean one-sample bound of
+    the batch plus the regularisation, and its gradient for every trainable variable."""
+    with tf.GradientTape() as tape:
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
+      loss = bpd + self.regularization()
+    grads = tape.gradient(loss, self.trainable_variables)
+    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
+    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    return bpd, loss, grads
 
   def regularization(self):
     """scale_l2 * sum ||g||^2 over the weight-norm scales (zero when scale_l2 is 0)."""
@@ -288,18 +368,46 @@ class FlowModel(keras.Model):
     return self.scale_l2 * tf.add_n([tf.reduce_sum(tf.square(g)) for g in scales]) if scales else 0.
 
   def test_step(self, data):
-    images = tf.cast(_images_of(data), tf.float32)
-    bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
+    images = tf.cast(_images_of(data), self.flow_dtype)
+    with random.replica_rows(*replica_step.replica_position()):  # distinct noise per replica
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
     self.bpd_tracker.update_state(bpd)
-    return {'bpd': self.bpd_tracker.result()}
+    return replica_step.keras_logs({'bpd': self.bpd_tracker.result()})
 
 
 def _split_seeds(seed, num, seed_generator):
-  """num stateless seeds derived from one [2] seed, or the SeedGenerator num times."""
+  """num stateless seeds derived from one [2] seed or from [B, 2] per-image seeds (each image
+  keeps streams of its own), or the SeedGenerator num times."""
   if seed is None:
     return [seed_generator] * num
   seed = tf.cast(seed, tf.int32)
+  if seed.shape.rank == 2:
+    return [random.fold_in(seed, i) for i in range(num)]
   return [seed + tf.constant([0, 7919 * i], tf.int32) for i in range(num)]
+
+
+def check_temperature(temperature):
+  """Raises ValueError unless temperature is a finite number >= 0 (an infinite temperature
+  scales the prior's noise to infinity: every sample would be NaN)."""
+  t = float(temperature)
+  if not math.isfinite(t) or t < 0:
+    raise ValueError(f'temperature must be a finite number >= 0, got {temperature}.')
+  return t
+
+
+def check_finite(values, what):
+  """values, or NonFiniteError (eager) / InvalidArgumentError (in a graph) naming `what` if
+  they hold NaN or Inf."""
+  if not tf.executing_eagerly():
+    return tf.debugging.check_numerics(values, f'{what}: the model produced NaN or Inf values')
+  bad = ~np.isfinite(np.asarray(values))
+  if bad.any():
+    rows = int(np.any(bad.reshape(bad.shape[0], -1), axis=1).sum()) if bad.ndim > 1 else 1
+    raise NonFiniteError(f'{what}: {rows} of {bad.shape[0]} images hold NaN or Inf values '
+                         f'({int(bad.sum())} of {bad.size} values): the model gives non-finite '
+                         'outputs, so no images are returned (a model that produces them is '
+                         'broken: check the checkpoint it was restored from).')
+  return values
 
 
 def to_images(values):
