@@ -145,12 +145,15 @@ class Run:
     return self._models[prefix], prefix
 
   def write_workdir_config(self):
-    """Writes config.json (the model) once and flags.txt (this invocation's flags)."""
+    """Writes config.json (the model) once and flags.txt (this invocation's program flags, a
+    flagfile that reproduces the run)."""
     os.makedirs(self.workdir, exist_ok=True)
     if not os.path.exists(self.path(CONFIG_JSON)):
       checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
     with open(self.path(FLAGS_TXT), 'w', encoding='utf-8') as out:
-      out.write(self.flags.flags_into_string())
+      out.write(train_flags.flagfile_text(self.flags, header=(
+          'The flags of the last training invocation of this run; to rerun it (resume):\n'
+          f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
 
 
 # ------------------------------------------------------------------------------- checks

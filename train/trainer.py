@@ -139,7 +139,12 @@ def run_train(run):
   summaries = train_callbacks.TensorBoardSummaries(
       run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
       run.temperatures, f.seed, write=chief)
-  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite), summaries,
+  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite),
+                   train_callbacks.TrainingProgress(f.epochs, total, f.batch_size, schedule,
+                                                    f.scale_l2 > 0, f.verbose),
+                   train_callbacks.BatchNormRefresh(run.train_dataset(seed=f.seed + 1),
+                                                    f.bn_refresh_batches, seed=f.seed),
+                   summaries,
                    train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
                                                       steps_per_epoch)]
   if start < total:
@@ -147,7 +152,7 @@ def run_train(run):
     # one: the data seed moves with the start step rather than replaying consumed batches.
     train_ds = run.train_dataset(seed=f.seed + start)
     fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
-             callback_list, f.verbose)
+             callback_list, verbose=0)  # TrainingProgress replaces Keras' progress bar
   else:
     logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
                  f.epochs, steps_per_epoch)
