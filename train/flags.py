@@ -12,6 +12,7 @@ override the file's values (absl reads flags left to right, the last value wins)
 import dataclasses
 import inspect
 import io
+import os
 import textwrap
 import tokenize
 
@@ -298,7 +299,9 @@ def help_text(usage='', full=False, flag_values=FLAGS):
   """--help: `usage`, then the program's flags by group. full: then every library flag."""
   lines = [usage.strip(), ''] if usage else []
   by_name = {flag.name: flag for flag in program_flags(flag_values)}
-  for title, names in GROUPS:
+  grouped = {name for _, names in GROUPS for name in names}
+  others = tuple(name for name in by_name if name not in grouped)  # a flag new to GROUPS
+  for title, names in GROUPS + ((('Other', others),) if others else ()):
     lines.append(f'{title}:')
     for name in names:
       lines.extend(_flag_lines(by_name[name]))
@@ -326,11 +329,18 @@ def help_request(argv):
   return any(asked) if asked else None
 
 
+PATH_FLAGS = ('workdir', 'data_dir', 'init_from', 'export_dir')  # written as absolute paths
+
+
 def flagfile_text(flag_values=FLAGS, header=''):
-  """The program's flags as a flagfile that reproduces the run: every program flag, default
-  or not, one --flag=value a line (absl and TensorFlow flags left out)."""
+  """The program's flags as a flagfile that reproduces the run from any directory: every
+  program flag, default or not, one --flag=value a line (absl and TensorFlow flags left out),
+  the directories of PATH_FLAGS made absolute."""
   lines = [f'# {line}' if line else '#' for line in header.splitlines()]
   for flag in program_flags(flag_values):
+    if flag.name in PATH_FLAGS and flag.value:
+      lines.append(f'--{flag.name}={os.path.abspath(flag.value)}')
+      continue
     text = flag.serialize()
     if text:  # a string flag whose value is None (--data_dir unset) serializes to ''
       lines.append(text)
