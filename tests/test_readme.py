@@ -284,14 +284,16 @@ def _shell(command, cwd, timeout=3600):
 
 
 def _tensorboard(command, cwd):
-  """Starts TensorBoard as written, waits for its 'TensorBoard ... at http' line, stops it."""
+  """Starts TensorBoard as written, waits for its 'TensorBoard <version> at http://...' line,
+  stops it."""
   env = dict(os.environ, PATH=os.path.join(cwd, '.venv', 'bin') + os.pathsep + os.environ['PATH'])
   process = subprocess.Popen(['bash', '-c', f'exec {command}'], cwd=cwd, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   output = ''
+  serving = re.compile(r'TensorBoard \S+ at http')  # 'TensorBoard 2.21.0 at http://localhost:6006/'
   try:
-    deadline = time.time() + 120
-    while time.time() < deadline and 'http' not in output:
+    deadline = time.time() + 300
+    while time.time() < deadline and not serving.search(output):
       line = process.stdout.readline()
       if not line:
         break
@@ -299,7 +301,7 @@ def _tensorboard(command, cwd):
   finally:
     process.terminate()
     process.wait(timeout=30)
-  assert 'TensorBoard' in output and 'http' in output, output[-3000:]
+  assert serving.search(output), output[-3000:]
 
 
 def _check_workdir_listing(block, workdir):
