@@ -182,3 +182,56 @@ def test_export_is_atomic(exported, tmp_path, monkeypatch):
 def test_load_exported_names_a_missing_model(tmp_path):
   with pytest.raises(FileNotFoundError, match='No SavedModel'):
     export.load_exported(tmp_path)
+
+
+def test_served_number_of_an_image_does_not_depend_on_its_batch(exported):
+  """The noise of each image comes from its own pixels and the serving seed: alone, in a batch
+  of 8 or 64, or reversed, an image gets the same number (TF Serving's request batching cannot
+  change a client's answer). Tolerance: see tests/test_random.py RTOL (oneDNN's kernels for a
+  batch of one image can differ by a float32 ulp)."""
+  _, _, loaded, _ = exported
+  serve = loaded.signatures['serving_default']
+  images = _images(64, seed=11)
+  eight = serve(images=tf.constant(images[:8]))['log_prob'].numpy()
+  np.testing.assert_allclose(serve(images=tf.constant(images))['log_prob'].numpy()[:8], eight,
+                             rtol=1e-6, atol=0)
+  np.testing.assert_allclose(serve(images=tf.constant(images[:8][::-1]))['log_prob'].numpy()[::-1],
+                             eight, rtol=1e-6, atol=0)
+  for i in range(3):
+    np.testing.assert_allclose(serve(images=tf.constant(images[i:i + 1]))['log_prob'].numpy(),
+                               eight[i:i + 1], rtol=1e-6, atol=0)
+
+
+def test_sample_signature_refuses_a_temperature_that_is_not_finite(exported):
+  _, _, loaded, _ = exported
+  for t in (np.inf, np.nan):
+    with pytest.raises(tf.errors.InvalidArgumentError, match='temperature must be'):
+      loaded.signatures['sample'](num_samples=tf.constant(2), temperature=tf.constant(t, tf.float32),
+                                  seed=tf.constant(0))
+
+
+def test_a_model_that_gives_nan_is_not_exported_and_not_served_silently(exported, tmp_path):
+  """Issue 10 item 4: a model with finite weights whose outputs are NaN. export refuses it
+  when given check images; exported anyway, both signatures fail the call instead of serving
+  NaN numbers or turning NaN into pixels. (The signatures are called as the module's
+  tf.functions, the graphs a SavedModel stores, to spare a second export.)"""
+  from tfflows.models.flow_model import NonFiniteError  # pylint: disable=import-outside-toplevel
+  model = exported[0]
+  net = next(layer for layer in model._flatten_layers() if layer.name == 'level0_step0_net')  # pylint: disable=protected-access
+  saved = [w.numpy() for w in net.weights]
+  try:
+    for w in net.weights:
+      w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
+    with pytest.raises(NonFiniteError, match='not exported'):
+      export.export_saved_model(model, tmp_path / 'export' / '1', check_images=_images(4))
+    assert not os.path.exists(tmp_path / 'export')
+    config_path = tmp_path / 'config.json'
+    config_path.write_text(model.config.to_json())
+    module = export.FlowServingModule(model, str(config_path))
+    with pytest.raises(tf.errors.InvalidArgumentError, match='log_prob: the model produced NaN'):
+      module.log_prob(tf.constant(_images(2)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match='sample: the model produced NaN'):
+      module.sample(tf.constant(2), tf.constant(1.), tf.constant(0))
+  finally:
+    for w, value in zip(net.weights, saved):
+      w.assign(value)

@@ -39,9 +39,8 @@ def _digits(n, size=8):
 
 def _train(model, images, steps=1, lr=1e-2):
   """A few full-batch Adam steps, eagerly: for these tiny models, tracing the Keras train
-  function costs far more than the steps themselves. One forward pass first initialises
-  ActNorm (Glow): the eager first call takes the data-init branch, which has no gradient."""
-  model(tf.cast(images, tf.float32), training=True)
+  function costs far more than the steps themselves. ``fit`` first initialises ActNorm (Glow)
+  on the images."""
   model.compile(keras.optimizers.Adam(lr), run_eagerly=True)
   model.fit(images, epochs=steps, batch_size=len(images), verbose=0)
   return model

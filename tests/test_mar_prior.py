@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -5,7 +9,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfflows.distributions.mar_prior import MARPrior, marps_num_steps, normal_log_prob
-from tfflows.nn.conv_lstm import ConvLSTMStack
+from tfflows.nn import conv_lstm
+from tfflows.nn.conv_lstm import ConvLSTMStack, dilated_conv2d
 
 tfd = tfp.distributions
 
@@ -57,6 +62,119 @@ def test_conv_lstm_unknown_batch_xla():
   spec = tf.TensorSpec([None, 4, H, W, 2])
   xla = tf.function(lambda s: stack(s), input_signature=[spec], jit_compile=True)(seq)
   np.testing.assert_allclose(xla, eager, atol=1e-5)
+
+
+# -- dilated convolution ---------------------------------------------------------------------
+def _zero_inserted(kernel, r):
+  """The dilated kernel written out: r - 1 zeros between taps, extent r (k - 1) + 1."""
+  k, _, cin, cout = kernel.shape
+  spread = tf.pad(kernel[:, None, :, None], [[0, 0], [0, r - 1], [0, 0], [0, r - 1], [0, 0],
+                                             [0, 0]])
+  extent = r * (k - 1) + 1
+  return tf.reshape(spread, [k * r, k * r, cin, cout])[:extent, :extent]
+
+
+def _reference_conv(x, kernel, r):
+  """Ordinary (undilated) 'same' convolution with the zero-inserted kernel: the dilated
+  convolution by definition, with a gradient on every kernel set."""
+  return tf.nn.conv2d(x, _zero_inserted(kernel, r), strides=1, padding='SAME')
+
+
+def _numpy_dilated_conv(x, kernel, r):
+  """The formula of dilated_conv2d's docstring, one tap at a time."""
+  k = kernel.shape[0]
+  a = r * (k - 1) // 2
+  n, h, w, _ = x.shape
+  padded = np.pad(x, [(0, 0), (a, r * (k - 1) - a), (a, r * (k - 1) - a), (0, 0)])
+  y = np.zeros([n, h, w, kernel.shape[-1]])
+  for i in range(k):
+    for j in range(k):
+      y += padded[:, r * i:r * i + h, r * j:r * j + w] @ kernel[i, j]
+  return y
+
+
+def _value_and_grads(conv, x, kernel, r, cotangent):
+  with tf.GradientTape() as tape:
+    tape.watch([x, kernel])
+    y = conv(x, kernel, r)
+    loss = tf.reduce_sum(y * cotangent)
+  return (y,) + tuple(tape.gradient(loss, [x, kernel]))
+
+
+# (kernel size, rate, H, W): sizes not divisible by the rate, an even kernel, a dilated extent
+# larger than the image, and rate 1.
+@pytest.mark.parametrize('k, r, height, width', [(5, 2, 7, 5), (3, 3, 8, 4), (4, 2, 5, 6),
+                                                 (5, 3, 4, 5), (3, 1, 3, 3)])
+def test_dilated_conv_equals_dilated_convolution(float64, k, r, height, width):
+  """Values equal the docstring's formula and tf.nn.conv2d(dilations=r) (whose forward exists
+  on every CPU); values and gradients equal the zero-inserted kernel's ordinary convolution."""
+  x, kernel = _normal([2, height, width, 3], tf.float64), _normal([k, k, 3, 4], tf.float64)
+  cotangent = _normal([2, height, width, 4], tf.float64)
+  y, dx, dk = _value_and_grads(dilated_conv2d, x, kernel, r, cotangent)
+  assert y.shape == (2, height, width, 4)
+  np.testing.assert_allclose(y, _numpy_dilated_conv(x.numpy(), kernel.numpy(), r), atol=1e-12)
+  native = tf.nn.conv2d(x, kernel, strides=1, padding='SAME', dilations=r)
+  np.testing.assert_allclose(y, native, atol=1e-12)
+  for ours, ref in zip((y, dx, dk), _value_and_grads(_reference_conv, x, kernel, r, cotangent)):
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+  with pytest.raises(ValueError, match='dilation'):
+    dilated_conv2d(x, kernel, 0)
+
+
+def test_dilated_conv_xla_unknown_batch_and_gradients():
+  x, kernel, cotangent = _normal([3, 7, 5, 2]), _normal([5, 5, 2, 4]), _normal([3, 7, 5, 4])
+  spec = [tf.TensorSpec([None, 7, 5, 2]), tf.TensorSpec([5, 5, 2, 4]),
+          tf.TensorSpec([None, 7, 5, 4])]
+  xla = tf.function(lambda a, b, c: _value_and_grads(dilated_conv2d, a, b, 2, c),
+                    input_signature=spec, jit_compile=True)(x, kernel, cotangent)
+  for ours, ref in zip(xla, _value_and_grads(_reference_conv, x, kernel, 2, cotangent)):
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_lstm_dilated_gradients_equal_reference(float64, monkeypatch):
+  """The whole stack at dilation 2 on a 7x5 grid: output and weight gradients equal those of
+  the stack computed with the zero-inserted reference convolution; the weights keep the
+  layout of a tf.nn.conv2d kernel (names and shapes), so checkpoints are unchanged."""
+  stack = ConvLSTMStack(hidden=4, num_layers=2, kernel_size=5, dilation=2)
+  seq = _normal([2, 3, 7, 5, 2], tf.float64)
+
+  def run():
+    with tf.GradientTape() as tape:
+      out = stack(seq)
+      loss = tf.reduce_sum(out * tf.cos(out))
+    return [out] + tape.gradient(loss, stack.trainable_weights)
+
+  ours = run()
+  monkeypatch.setattr(conv_lstm, 'dilated_conv2d', _reference_conv)
+  for a, b in zip(ours, run()):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+  assert [(w.name, tuple(w.shape)) for w in stack.cells[1].weights] == [
+      ('input_kernel', (5, 5, 4, 16)), ('recurrent_kernel', (5, 5, 4, 16)), ('bias', (16,))]
+
+
+_WITHOUT_ONEDNN = """
+import numpy as np, tensorflow as tf
+from tfflows.distributions.mar_prior import MARPrior
+prior = MARPrior(2, 7, 5, 3, hidden=4, num_layers=2, kernel_size=5, dilation=2, embed_channels=2)
+l, r = tf.random.normal([2, 7, 5, 2]), tf.random.normal([2, 7, 5, 3])
+with tf.GradientTape() as tape:
+  loss = -tf.reduce_mean(prior.log_prob(l, r))
+grads = tape.gradient(loss, prior.trainable_weights)
+assert all(np.all(np.isfinite(g)) for g in grads)
+print('ok', len(grads))
+"""
+
+
+def test_dilated_prior_trains_without_onednn():
+  """TensorFlow's plain CPU kernels (oneDNN off, as on CPUs without AVX512-VNNI/BF16 or AMX)
+  have no gradient of tf.nn.conv2d with dilations > 1; the prior's gradient must exist there.
+  The switch is read once per process, hence a subprocess."""
+  env = {**os.environ, 'TF_ENABLE_ONEDNN_OPTS': '0', 'CUDA_VISIBLE_DEVICES': '',
+         'TF_CPP_MIN_LOG_LEVEL': '2'}
+  result = subprocess.run([sys.executable, '-c', _WITHOUT_ONEDNN], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split()[-2:] == ['ok', str(2 * 3 + 4 + 2)]
 
 
 # -- density -------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def test_mar_interpolation_keeps_latent_end_points_and_linear_at_zero_weight(tra
 
 # -- sampling-time benchmark and configs ----------------------------------------------------
 def test_marps_timing_table():
-  from tfflows import marps_timing  # pylint: disable=import-outside-toplevel
+  from train import marps_timing  # pylint: disable=import-outside-toplevel
   rows = marps_timing.run(sizes=(8, 16), channels=1, coupling='affine', batch_size=2,
                           repeats=1, modes=('graph',), steps_per_level=1, width=4,
                           mar_hidden=2, mar_layers=1)

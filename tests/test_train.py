@@ -5,6 +5,7 @@ error path and the distribution strategy (logical CPU devices must be set before
 starts) run in subprocesses.
 """
 
+import contextlib
 import glob
 import io
 import json
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -115,8 +117,6 @@ def test_bad_flag_values_name_the_flag(args, message):
     (['--image_shape=28,28,1'], 'image_shape=28,28,1 does not match'),
     (['--mode=eval'], r'--mode=eval needs a trained model'),
     (['--mode=sample,train'], r'--mode=sample needs a trained model'),
-    (['--strategy=mirrored', '--jit_compile'], r'--strategy=mirrored cannot be combined with '
-                                               '--jit_compile'),
     (['--mixed_precision'], 'mixed_precision needs a GPU'),
     (['--init_from=/nonexistent/run'], 'init_from=/nonexistent/run: no checkpoint'),
 ])
@@ -126,11 +126,13 @@ def test_contradictory_or_invalid_combinations_name_the_flags(tmp_path, args, me
     Run.from_flags(f, modes.MODES)
 
 
-def test_mirrored_strategy_turns_jit_off_unless_asked(tmp_path):
-  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--strategy=mirrored'),
-                        modes.MODES).jit_compile is False
-  assert Run.from_flags(_parse(f'--workdir={tmp_path}', '--jit_compile'),
-                        modes.MODES).jit_compile is True
+def test_strategies_keep_jit_compile(tmp_path):
+  """Under a strategy XLA compiles each replica's step (tests/test_distributed.py)."""
+  for strategy in ('default', 'mirrored', 'multiworker'):
+    for flag, expected in (('--jit_compile', True), ('--nojit_compile', False)):
+      run = Run.from_flags(_parse(f'--workdir={tmp_path}', f'--strategy={strategy}', flag),
+                           modes.MODES)
+      assert run.jit_compile is expected
 
 
 def test_cli_stops_with_a_message_naming_the_problem(tmp_path):
@@ -348,16 +350,31 @@ def test_fine_tune_starts_from_other_weights_with_a_fresh_optimizer(trained, tmp
 
 
 def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(tmp_path):
+  """At learning rate 1e30 the first update already gives a model with finite weights that
+  returns NaN: training stops (exit status 1) before any checkpoint of it is written."""
   workdir = str(tmp_path)
-  with pytest.raises(SystemExit, match='non-finite loss at step'):
+  with pytest.raises(SystemExit, match='non-finite loss at step|NaN or Inf log-likelihood'):
     _main(f'--workdir={workdir}', '--learning_rate=1e30', '--warmup_steps=0', '--epochs=3',
           '--checkpoint_every_steps=1', '--nojit_compile', '--mode=train')
-  for step in _steps(workdir):
-    reader = tf.train.load_checkpoint(os.path.join(workdir, 'checkpoints', f'ckpt-{step}'))
-    for key in reader.get_variable_to_shape_map():
-      value = reader.get_tensor(key)
-      if np.issubdtype(np.asarray(value).dtype, np.floating):
-        assert np.all(np.isfinite(value)), (step, key)
+  _assert_every_checkpoint_is_good(workdir)
+
+
+def _assert_every_checkpoint_is_good(workdir):
+  """Every checkpoint of the workdir has finite values and a model that gives finite
+  log-likelihoods of test images."""
+  run = Run.from_flags(_parse(f'--workdir={workdir}', '--mode=train'), modes.MODES)
+  images = run.images('test', 16)
+  for sub in ('checkpoints', 'best'):
+    for step in _steps(workdir, sub):
+      prefix = os.path.join(workdir, sub, f'ckpt-{step}')
+      reader = tf.train.load_checkpoint(prefix)
+      for key in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(key)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+          assert np.all(np.isfinite(value)), (prefix, key)
+      model = tfflows.build_model(run.config)
+      checkpoints.restore_model(model, prefix)
+      assert np.all(np.isfinite(model.log_prob(images, seed=0).numpy())), prefix
 
 
 def test_nan_weights_are_never_saved(tmp_path):
@@ -462,10 +479,12 @@ def test_deterministic_runs_write_identical_checkpoints(tmp_path):
 
 # ----------------------------------------------------------------------------- strategies
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  # --nojit_compile keeps this fast; XLA per replica: tests/test_distributed.py.
   result = _cli(f'--workdir={tmp_path}', '--strategy=mirrored', '--num_cpu_devices=2',
-                '--epochs=1', '--steps_per_epoch=2', '--eval_batches=1', '--mode=train')
+                '--epochs=1', '--steps_per_epoch=2', '--eval_batches=1', '--mode=train',
+                '--nojit_compile')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '2 replica(s)' in result.stderr and 'jit_compile=False' in result.stderr
+  assert '2 replica(s), jit_compile=False' in result.stderr
   prefix = os.path.join(tmp_path, 'checkpoints', 'ckpt-2')
   assert _ckpt_value(prefix, 'optimizer/_iterations') == 2
   with open(os.path.join(tmp_path, 'best', 'best.json'), encoding='utf-8') as f:
@@ -493,14 +512,19 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_pa
   process = subprocess.Popen([sys.executable, '-m', 'train.main', f'--flagfile={TINY}', *args],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+  def committed():
+    # The step the checkpoint state names (an index file alone may still be mid-save).
+    prefix = tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints'))
+    return checkpoints.step_of(prefix) if prefix else -1
+
   try:
     deadline = time.time() + 600
-    while not any(s >= 10 for s in _steps(str(tmp_path))) and time.time() < deadline:
+    while committed() < 10 and time.time() < deadline:
       time.sleep(0.5)
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
-  latest = checkpoints.step_of(tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints')))
+  latest = committed()
   assert latest >= 10 and latest % 5 == 0
   result = _cli(f'--workdir={tmp_path}', '--epochs=0', '--steps_per_epoch=400', '--mode=train')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -650,3 +674,237 @@ def test_batch_norm_refresh_runs_before_each_test_evaluation(tiny_denseflow):
   off.set_model(model)
   off.on_test_begin()
   assert off.refreshes == 0 and off._forward is None  # pylint: disable=protected-access
+
+
+# ---------------------------------------- issue 13: nothing lost, nothing silent, one line
+def _snapshot(directory):
+  """{relative path: bytes} of every file under directory."""
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, directory)] = f.read()
+  return files
+
+
+def _eval_results(workdir):
+  """The eval result files of a workdir (one place to follow the eval file's name)."""
+  return sorted(glob.glob(os.path.join(workdir, 'eval*.json')) +
+                glob.glob(os.path.join(workdir, 'eval', '*.json')))
+
+
+def _stops(*args):
+  """Runs the program in this process; returns the one line it ends with (exit status 1)."""
+  with pytest.raises(SystemExit) as stopped:
+    _main(*args)
+  line = stopped.value.code
+  assert isinstance(line, str), line   # sys.exit(message): status 1, the message on stderr
+  assert line.startswith('train.main: error: ') and '\n' not in line, line
+  return line
+
+
+def test_unusable_checkpoint_state_stops_before_anything_is_overwritten(trained, tmp_path):
+  """Issue 13.1: garbage in (or no) checkpoints/checkpoint beside ckpt-3 and ckpt-4: the rerun
+  refuses, naming the state file, and every file stays as it was."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('eval*', 'samples', 'export'))
+  state = os.path.join(workdir, 'checkpoints', 'checkpoint')
+  for damage in ('garbage', 'missing'):
+    if damage == 'garbage':
+      with open(state, 'w', encoding='utf-8') as f:
+        f.write('garbage\n')
+    else:
+      os.remove(state)
+    before = _snapshot(workdir)
+    for mode in ('train', 'eval'):
+      line = _stops(f'--workdir={workdir}', '--epochs=2', f'--mode={mode}')
+      assert f'checkpoint state {state} is unusable' in line and 'ckpt-3, ckpt-4' in line
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--num_levels=6'], 'model flags: 6 levels need H and W divisible by 64'),
+    (['--width=0'], 'width=0 must be a positive integer'),
+    (['--steps_per_level=0'], 'steps_per_level=0 must be a positive integer'),
+    (['--temperatures=1,inf'], '--temperatures=1,inf: every temperature must be a finite'),
+    (['--mode=export', '--export_dir={file}'], '--export_dir={file} is a file, not a directory'),
+    (['--workdir={file}'], '--workdir={file} is a file, not a directory'),
+])
+def test_a_failed_start_is_one_line_and_leaves_nothing(tmp_path, args, expected):
+  """Issue 13.4 and 13.5: a start that fails (before or after building the model) ends with
+  one line naming the flag, and writes nothing: the corrected command is then accepted."""
+  file = tmp_path / 'a_file'
+  file.write_text('not a directory')
+  workdir = tmp_path / 'run'
+  args = [a.format(file=file) for a in args]
+  line = _stops(f'--workdir={workdir}', '--epochs=1', *args)
+  assert expected.format(file=file) in line
+  assert sorted(os.listdir(tmp_path)) == ['a_file']   # the workdir was not even created
+  assert Run.from_flags(_parse(f'--workdir={workdir}'), modes.MODES).modes == ['train']
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def test_damaged_files_and_other_architectures_are_one_line_naming_them(trained, tmp_path):
+  """Issue 13.5: a truncated checkpoint .data or .index, a truncated config.json, --init_from a
+  run of another width: one line naming the file or flag; nothing in the workdir changes."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('eval*', 'samples', 'export'))
+  latest = os.path.join(workdir, 'checkpoints', 'ckpt-4')
+  cases = [(latest + '.data-00000-of-00001', f'checkpoint {latest} cannot be read ('),
+           (latest + '.index', f'checkpoint {latest} cannot be read ('),
+           (os.path.join(workdir, 'config.json'), 'config.json cannot be read as the JSON')]
+  for path, expected in cases:
+    with open(path, 'rb') as f:
+      intact = f.read()
+    _truncate(path)
+    before = _snapshot(workdir)
+    for mode in ('train', 'eval'):
+      assert expected in _stops(f'--workdir={workdir}', '--epochs=2', f'--mode={mode}')
+    assert _snapshot(workdir) == before
+    with open(path, 'wb') as f:
+      f.write(intact)
+  # --init_from a run of another width (the trained run has width 8).
+  other = str(tmp_path / 'other')
+  line = _stops(f'--workdir={other}', f'--init_from={trained}', '--width=4', '--epochs=1')
+  assert f'--init_from={trained}: checkpoint {trained}/checkpoints/ckpt-4 holds model ' in line
+  assert 'with shape' in line and '--width=4 (there: 8)' in line
+  assert not os.path.exists(other)
+
+
+@pytest.mark.slow
+def test_cli_failure_is_one_line_without_a_traceback(tmp_path):
+  """Issue 13.5 end to end: exit status 1 and the error as the last line of stderr, no
+  traceback, nothing written."""
+  result = _cli(f'--workdir={tmp_path / "run"}', '--num_levels=6', '--epochs=1')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      'train.main: error: model flags: 6 levels need H and W divisible by 64; image_shape is '
+      '(32, 32, 1).')
+  assert not os.path.exists(tmp_path / 'run')
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def _without_root_privileges():
+  """Runs the block as user nobody if this process is root: root writes through any mode bits,
+  so a chmod-ed directory is read-only only for an unprivileged user. The saved user id stays
+  0, so the effective one is restored afterwards."""
+  if os.geteuid() != 0:
+    yield
+    return
+  os.seteuid(NOBODY)
+  try:
+    yield
+  finally:
+    os.seteuid(0)
+
+
+def test_read_only_workdir_and_export_dir_are_refused_before_any_compute(trained):
+  """Issue 13.6 with a real read-only directory (chmod 555, as a user without root
+  privileges): train, eval and export stop at start-up with one line naming the directory."""
+  base = tempfile.mkdtemp()   # under /tmp, which user nobody can reach (0755 below)
+  try:
+    os.chmod(base, 0o755)
+    workdir, exports = os.path.join(base, 'run'), os.path.join(base, 'exports')
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('eval*', 'samples', 'export'))
+    os.mkdir(exports)
+    if os.geteuid() == 0:   # the run belongs to the user that runs the program
+      for root, dirs, files in os.walk(base):
+        for name in dirs + files:
+          os.chown(os.path.join(root, name), NOBODY, NOBODY)
+    with _without_root_privileges():
+      os.chmod(workdir, 0o555)
+      for mode in ('train', 'eval'):
+        line = _stops(f'--workdir={workdir}', '--epochs=2', f'--mode={mode}')
+        assert line == (f'train.main: error: cannot write {workdir}: Permission denied '
+                        f'(--workdir={workdir}).')
+      os.chmod(workdir, 0o755)
+      os.chmod(exports, 0o555)
+      line = _stops(f'--workdir={workdir}', '--mode=export', f'--export_dir={exports}')
+      assert line == (f'train.main: error: cannot write {exports}: Permission denied '
+                      f'(--export_dir={exports}).')
+      os.chmod(exports, 0o755)
+    assert not _eval_results(workdir) and os.listdir(exports) == []
+  finally:
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_skipping_nonfinite_steps_ends_with_an_error_not_a_nan_model(tmp_path):
+  """Issue 13.3: --on_nonfinite=skip at a learning rate whose first update gives a model
+  that returns NaN: after --max_nonfinite_skips steps in a row it stops (exit status 1), and no
+  checkpoint of that model exists."""
+  workdir = str(tmp_path)
+  line = _stops(f'--workdir={workdir}', '--on_nonfinite=skip', '--max_nonfinite_skips=3',
+                '--learning_rate=1e30', '--warmup_steps=0', '--checkpoint_every_steps=0',
+                '--steps_per_epoch=8', '--epochs=1', '--nojit_compile')
+  assert '3 steps in a row (steps 2 to 4) had a non-finite loss' in line
+  assert 'there is no checkpoint, so rerunning starts afresh' in line
+  assert not _steps(workdir) and not _steps(workdir, 'best')
+
+
+def test_eval_sample_and_export_of_a_model_that_gives_nan_fail_and_write_nothing(trained,
+                                                                                tmp_path):
+  """Issue 10.4: a checkpoint whose model has finite weights but gives NaN (written before
+  checkpoints were checked): eval and sample each stop with a message, and no JSON or PNG is
+  written. (Export's refusal of such a model: tests/test_export.py.)"""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('eval*', 'samples', 'export'))
+  run = Run.from_flags(_parse(f'--workdir={workdir}', '--mode=eval'), modes.MODES)
+  model, _ = run.load_model()
+  net = next(layer for layer in model._flatten_layers() if layer.name == 'level0_step0_net')  # pylint: disable=protected-access
+  for w in net.weights:
+    w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
+  poisoned = os.path.join(workdir, 'checkpoints', 'ckpt-5')
+  checkpoints.model_checkpoint(model).write(poisoned)
+  checkpoints.write_state(os.path.join(workdir, 'checkpoints'), poisoned)
+  before = _snapshot(workdir)
+  for mode, expected in (('eval', f'eval: the model of {poisoned} gives NaN or Inf bits/dim'),
+                         ('sample', 'model.sample(n=4, temperature=1.0): 4 of 4 images hold NaN')):
+    assert expected in _stops(f'--workdir={workdir}', f'--mode={mode}')
+  assert _snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+  """Issue 13.6 on a real full file system: a 200 KiB tmpfs (needs root and the right to
+  mount; skipped otherwise). Training stops at the first checkpoint that does not fit, with one
+  line; no partial file is left and every checkpoint there reads completely; eval on the then
+  full disk is refused before evaluating."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', str(disk)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+  try:
+    workdir = str(disk / 'run')
+    line = _stops(f'--workdir={workdir}', '--epochs=4', '--nojit_compile')
+    assert re.search(r'cannot write \S+/ckpt-\d+: No space left on device', line), line
+    for sub in ('checkpoints', 'best'):
+      names = os.listdir(os.path.join(workdir, sub)) if os.path.isdir(
+          os.path.join(workdir, sub)) else []
+      assert not [n for n in names if '_temp' in n or '.tmp' in n], names
+      for step in _steps(workdir, sub):
+        reader = tf.train.load_checkpoint(os.path.join(workdir, sub, f'ckpt-{step}'))
+        for key in reader.get_variable_to_shape_map():
+          reader.get_tensor(key)
+    latest = checkpoints.committed(os.path.join(workdir, 'checkpoints'))
+    assert latest is not None
+    fd = os.open(disk / 'fill', os.O_WRONLY | os.O_CREAT)   # fill the rest of the disk
+    with contextlib.suppress(OSError):
+      while os.write(fd, b'\0' * 4096):
+        pass
+    os.close(fd)
+    line = _stops(f'--workdir={workdir}', '--mode=eval')
+    assert line == (f'train.main: error: cannot write {workdir}: No space left on device '
+                    f'(--workdir={workdir}).')
+  finally:
+    subprocess.run(['umount', '--lazy', str(disk)], check=False)   # event files may be open

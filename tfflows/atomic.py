@@ -1,25 +1,84 @@
-"""Atomic file writes: a file is either the old one or the complete new one, never partial."""
+"""Atomic file writes: a file is either the old one or the complete new one, never partial.
 
+A write that fails (full disk, read-only directory) raises ``WriteError`` ("cannot write PATH:
+No space left on device") and leaves neither a partial file nor its temporary file behind.
+"""
+
+import errno
 import os
 import tempfile
+
+
+class WriteError(OSError):
+  """A file or directory could not be written; str() is one line: 'cannot write PATH: reason'."""
+
+  def __init__(self, path, reason, code=None):
+    super().__init__(code, reason, os.fspath(path))
+    self.path = os.fspath(path)
+    self.reason = reason
+
+  def __str__(self):
+    return f'cannot write {self.path}: {self.reason}'
+
+
+def write_error(path, error):
+  """A WriteError for ``path`` from an OSError or a tf.errors.OpError (whose message ends with
+  the system's reason, e.g. '...tempstate123; No space left on device')."""
+  if isinstance(error, WriteError):
+    return error
+  if isinstance(error, OSError):
+    reason = error.strerror or str(error)
+    return WriteError(path, reason, error.errno)
+  message = getattr(error, 'message', None) or str(error)
+  reason = message.split(' [Op:')[0].rsplit('; ', 1)[-1].strip()
+  code = next((c for c, text in _REASONS.items() if text in message), None)
+  return WriteError(path, reason, code)
+
+
+_REASONS = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EROFS: os.strerror(errno.EROFS),
+            errno.EACCES: os.strerror(errno.EACCES), errno.EDQUOT: os.strerror(errno.EDQUOT)}
 
 
 def write_bytes(path, data):
   """Writes ``data`` to ``path`` through a temporary file in the same directory, renamed over
   ``path`` (``os.replace`` is atomic on POSIX and Windows); creates the directory. The file is
-  readable by everyone (0644), like a plain ``open(path, 'wb')``. Returns ``path``."""
+  readable by everyone (0644), like a plain ``open(path, 'wb')``. Returns ``path``.
+
+  Raises WriteError (an OSError) naming ``path`` if it cannot be written; the old file, if any,
+  is then unchanged and no temporary file is left."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                             dir=directory)
+  tmp = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
+                               dir=directory)
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
     os.chmod(tmp, 0o644)   # mkstemp creates 0600
     os.replace(tmp, path)
+  except OSError as error:
+    _remove_quietly(tmp)
+    raise write_error(path, error) from None
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    _remove_quietly(tmp)
     raise
   return path
+
+
+def write_text(path, text):
+  """``write_bytes`` of UTF-8 text."""
+  return write_bytes(path, text.encode('utf-8'))
+
+
+def _remove_quietly(path):
+  if path and os.path.exists(path):
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+
+
+def is_temporary(name):
+  """Whether a file name is one of write_bytes' temporary files ('.NAME.XXXX.tmp')."""
+  return name.startswith('.') and name.endswith('.tmp')

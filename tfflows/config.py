@@ -78,6 +78,12 @@ class FlowConfig:
     if self.split in ('lcma', 'lcma_reverse') and not self.lcma_masks:
       raise ValueError(f'split={self.split} needs lcma_masks: the file written by '
                        '--mode=lcma_analyze.')
+    for name in _POSITIVE:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name}={value!r} must be a positive integer.')
+    if min(self.layer_mid_channels, default=1) < 1:
+      raise ValueError(f'layer_mid_channels must be positive, got {self.layer_mid_channels}.')
     if not len(self.block_conf) == len(self.layers_conf) == len(self.layer_mid_channels):
       raise ValueError('block_conf, layers_conf and layer_mid_channels must have one entry per '
                        f'block, got {self.block_conf}, {self.layers_conf}, '
@@ -109,6 +115,11 @@ class FlowConfig:
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
+
+
+# Sizes a model cannot be built (or is a flow with no steps) with a value below 1.
+_POSITIVE = ('num_levels', 'steps_per_level', 'width', 'num_scales', 'base_width',
+             'dense_growth', 'mar_hidden', 'num_components', 'attention_heads')
 
 
 def _one_of(name, value, allowed):

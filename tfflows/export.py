@@ -9,14 +9,22 @@ Signatures (a public contract; README, section "Serving"):
 
 ``serving_default``  images uint8 [None, H, W, C] -> log_prob float32 [None] (nats),
                      bits_per_dim float32 [None].
-                     The dequantization (and augmentation) noise is drawn from the fixed
-                     stateless seed 0, so a served number equals ``model.log_prob(images,
-                     num_samples=k, seed=0)`` bit for bit: both run the same ops in a
-                     non-XLA ``tf.function`` (neither path is jit-compiled). k is
+                     The dequantization (and augmentation) noise of each image is drawn from a
+                     stateless seed folded from that image's pixels and the fixed serving seed
+                     0 (``tfflows.random.example_seeds``), so a served number is a function of
+                     the image alone: the same alone, anywhere in a batch of any size, and
+                     under TF Serving's request batching. It equals ``model.log_prob(images,
+                     num_samples=k, seed=0)`` bit for bit: both run the same ops in a non-XLA
+                     ``tf.function`` (neither path is jit-compiled). k is
                      ``num_importance_samples`` given at export (1: the training bound).
 ``sample``           num_samples int32 [], temperature float32 [], seed int32 [] ->
                      images uint8 [None, H, W, C], equal to ``model.sample(n, temperature,
                      seed)`` for the same arguments.
+
+Neither signature turns a NaN into a number or a pixel silently: a NaN or Inf log_prob, or a
+sample with NaN or Inf values, fails the call (InvalidArgumentError from
+``tf.debugging.check_numerics``, TF Serving answers with that error), and so do a NaN or infinite
+temperature and a negative one.
 
 Files: ``export_dir`` is a plain SavedModel (saved_model.pb, variables/) whose ``assets/``
 holds ``config.json`` (``model.config.to_json()``) as a ``tf.saved_model.Asset``: TF tooling
@@ -33,9 +41,10 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from tfflows import atomic
 from tfflows.config import FlowConfig
 from tfflows.distributions import joint
-from tfflows.models.flow_model import to_images
+from tfflows.models.flow_model import NonFiniteError, to_images
 
 CONFIG_NAME = 'config.json'
 SERVING_SEED = 0  # the stateless seed of the served log-likelihood's noise
@@ -76,7 +85,8 @@ class FlowServingModule(tf.Module):
     # divide_no_nan is not rewritten, so the served value equals model.bits_per_dim exactly.
     nats_per_bit_dim = tf.constant(self.model.num_dims * math.log(2.), log_prob.dtype)
     bits_per_dim = tf.math.divide_no_nan(-log_prob, nats_per_bit_dim)
-    return {'log_prob': log_prob, 'bits_per_dim': bits_per_dim}
+    return {'log_prob': _refuse_non_finite(log_prob, 'log_prob'),
+            'bits_per_dim': _refuse_non_finite(bits_per_dim, 'bits_per_dim')}
 
   def _sample(self, num_samples, temperature, seed):
     """The body of ``model.sample(n, temperature, seed)`` with tensor arguments."""
@@ -86,35 +96,52 @@ class FlowServingModule(tf.Module):
     checks = [
         tf.debugging.assert_positive(num_samples, message='num_samples must be >= 1'),
         tf.debugging.assert_non_negative(temperature, message='temperature must be >= 0'),
+        tf.debugging.assert_all_finite(temperature, 'temperature must be finite'),
     ]
     with tf.control_dependencies(checks):
       num_samples = tf.identity(num_samples)
     values = self.model.sample_values(num_samples, temperature, seed)
-    return {'images': to_images(values)}
+    return {'images': to_images(_refuse_non_finite(values, 'sample'))}
 
 
-def export_saved_model(model, export_dir, num_importance_samples=1, overwrite=False):
+def _refuse_non_finite(values, name):
+  """values, failing the served call if they hold NaN or Inf (a broken model)."""
+  return tf.debugging.check_numerics(
+      values, f'{name}: the model produced NaN or Inf values (a broken model); refusing to '
+      'serve them')
+
+
+def export_saved_model(model, export_dir, num_importance_samples=1, overwrite=False,
+                       check_images=None):
   """Writes ``model`` as a SavedModel with the ``serving_default`` and ``sample`` signatures.
 
-  model: a built ``FlowModel`` (train or restore it first: ActNorm initialises on the first
-  batch). export_dir: the SavedModel directory; for TF Serving make its last component a
+  model: a built ``FlowModel`` (train or restore it first: ActNorm initialises in training).
+  export_dir: the SavedModel directory; for TF Serving make its last component a
   version number, e.g. ``workdir/export/1`` (see ``next_version_dir``).
   num_importance_samples: k of the served log_prob (1: the one-sample bound; k > 1: the
   k-sample importance-weighted estimate, k times the compute).
   overwrite: replace an existing export_dir (otherwise it is an error).
-  Returns export_dir.
+  check_images: optional uint8 images [B, H, W, C]; the model's served log_prob of them must be
+  finite, else NonFiniteError and nothing is written (a broken model is not exported).
+  Returns export_dir. Raises atomic.WriteError ('cannot write EXPORT_DIR: reason') when the
+  directory cannot be written; nothing is then left behind.
   """
   if int(num_importance_samples) < 1:
     raise ValueError(f'num_importance_samples must be >= 1, got {num_importance_samples}.')
   _check_initialised(model)
+  if check_images is not None:
+    _check_finite_log_prob(model, check_images, num_importance_samples)
   export_dir = os.path.abspath(os.fspath(export_dir))
   if os.path.exists(export_dir) and not overwrite:
     raise FileExistsError(f'{export_dir} exists; pass overwrite=True to replace it or export to '
                           'a new version directory.')
   parent = os.path.dirname(export_dir)
-  os.makedirs(parent, exist_ok=True)
   base = os.path.basename(export_dir)
-  staging = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
+  except OSError as error:
+    raise atomic.write_error(export_dir, error) from None
   try:
     config_dir = os.path.join(staging, 'config')
     os.makedirs(config_dir)
@@ -126,21 +153,31 @@ def export_saved_model(model, export_dir, num_importance_samples=1, overwrite=Fa
     tf.saved_model.save(module, saved, signatures={'serving_default': module.log_prob,
                                                    'sample': module.sample})
     _replace_dir(saved, export_dir, staging)
+  except (OSError, tf.errors.OpError) as error:
+    raise atomic.write_error(export_dir, error) from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return export_dir
 
 
+def _check_finite_log_prob(model, images, num_importance_samples):
+  """NonFiniteError unless the model's served log_prob of ``images`` is finite."""
+  log_prob = model.log_prob(images, num_importance_samples, seed=SERVING_SEED).numpy()
+  bad = ~np.isfinite(log_prob)
+  if bad.any():
+    raise NonFiniteError(f'the model gives a NaN or Inf log_prob for {int(bad.sum())} of '
+                         f'{bad.size} check images: it is broken (check the checkpoint it was '
+                         'restored from), so it is not exported.')
+
+
 def _check_initialised(model):
-  """Refuses a model whose ActNorm layers have not seen data: their data-dependent
-  initialisation would run inside the served graph on the first request and change the weights,
-  so served numbers would depend on that request."""
-  from bijectors.actnorm import ActNormParams  # pylint: disable=import-outside-toplevel
-  fresh = [layer.name for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-           if isinstance(layer, ActNormParams) and float(layer.initialized.numpy()) == 0.]
+  """Refuses a model whose ActNorm layers have not seen data: an export of an untrained model
+  is almost certainly a mistake (its ActNorms are the identity)."""
+  from bijectors.actnorm import actnorm_state  # pylint: disable=import-outside-toplevel
+  fresh, _ = actnorm_state(model)
   if fresh:
-    raise ValueError(f'{len(fresh)} ActNorm layers are not initialised (e.g. {fresh[0]}): train '
-                     'the model or restore a checkpoint before exporting it.')
+    raise ValueError(f'{fresh} ActNorm layers are not initialised: train the model or restore a '
+                     'checkpoint before exporting it.')
 
 
 def _replace_dir(source, target, staging):

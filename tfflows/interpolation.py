@@ -43,7 +43,7 @@ couplings have them by construction.
 import numpy as np
 import tensorflow as tf
 
-from tfflows.models.flow_model import to_images
+from tfflows.models.flow_model import check_finite, to_images
 
 ADAMAX_BETA1 = 0.9
 ADAMAX_BETA2 = 0.999
@@ -125,7 +125,8 @@ def mar_interpolation(model, images_a, images_b, steps, iterations=100, learning
                                        learning_rate, lambda1, lambda2)
   flat = [tf.reshape(z, [-1] + z.shape[2:].as_list()) for z in path]
   x, _ = model.flow.decode(flat)
-  images = tf.reshape(to_images(x), [-1, int(steps)] + list(model.image_shape))
+  images = tf.reshape(to_images(check_finite(x, 'mar_interpolation')),
+                      [-1, int(steps)] + list(model.image_shape))
   return (images, info) if return_info else images
 
 

@@ -26,7 +26,12 @@ Two memory figures per part:
     tensor peak  the peak of the bytes TensorFlow's allocator held for tensors during the part
                  (``tf.config.experimental.get_memory_info``, reset before each part) on the
                  device the part ran on: weights, optimizer slots, activations, gradients; the
-                 counterpart of ``torch.cuda.max_memory_allocated``.
+                 counterpart of ``torch.cuda.max_memory_allocated``. Printed as "unavailable"
+                 (None in the rows) where the allocator keeps no statistics: TensorFlow's
+                 plain CPU allocator (oneDNN off: TF_ENABLE_ONEDNN_OPTS=0, or its default on
+                 CPUs without AVX512-VNNI/BF16, AVX-VNNI or AMX) keeps none. With oneDNN on,
+                 the CPU allocator counts only allocations of 256 KiB or more (smaller ones
+                 read 0), so on CPU the figure is a lower bound and 0 for tiny models.
 
 The load average of the machine is printed before and after: the figures are only comparable on
 a quiet machine.
@@ -79,12 +84,12 @@ def reset_tensor_peak():
 
 
 def tensor_peak_gb():
-  """Peak bytes the device's allocator held for tensors since the last reset, in GB (NaN
-  when the allocator keeps no statistics)."""
+  """Peak bytes the device's allocator held for tensors since the last reset, in GB, or None
+  when the allocator keeps no statistics (the figure is unavailable, not zero)."""
   try:
     return tf.config.experimental.get_memory_info(_device())['peak'] / 1e9
   except ValueError:
-    return float('nan')
+    return None
 
 
 def build_config(flag_values):
@@ -112,7 +117,7 @@ def _timed(fn, args, warmup, steps):
 def run_benchmark(config, batch_size, parts, steps, warmup, jit_compile, optimizer='adamax',
                   learning_rate=1e-3, seed=0):
   """Returns (rows, info): rows of (part, images/s, seconds per call, peak RSS GB so far,
-  tensor peak GB of the part)."""
+  tensor peak GB of the part or None where unavailable)."""
   keras.utils.set_random_seed(seed)
   start = time.perf_counter()
   model = tfflows.build_model(config)
@@ -146,7 +151,8 @@ def format_table(rows):
   lines = [f'{"part":<8} {"images/s":>10} {"s/call":>9} {"peak RSS GB":>12} '
            f'{"tensor peak GB":>15}']
   for part, rate, seconds, peak, tensors in rows:
-    lines.append(f'{part:<8} {rate:>10.2f} {seconds:>9.3f} {peak:>12.2f} {tensors:>15.2f}')
+    tensors = 'unavailable' if tensors is None else f'{tensors:.2f}'
+    lines.append(f'{part:<8} {rate:>10.2f} {seconds:>9.3f} {peak:>12.2f} {tensors:>15}')
   return '\n'.join(lines)
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfflows import sampling
+from tfflows.models.flow_model import NonFiniteError
 from train import progress as progress_lib
 
 
@@ -32,27 +33,53 @@ def _step(model):
 class NonFiniteGuard(keras.callbacks.Callback):
   """Reads the 'finite' log of FlowModel.train_step (0 when the loss or the gradient norm is
   NaN or Inf; the step then applied no gradient). policy 'stop' raises NonFiniteLossError;
-  'skip' logs a warning and counts the skipped steps."""
+  'skip' logs a warning and counts the skipped steps, and raises NonFiniteLossError once
+  ``max_skips`` steps in a row were skipped (a model that gives NaN on every batch never
+  recovers by skipping). last_good: a callable giving the last good checkpoint, for the message.
 
-  def __init__(self, policy='stop'):
+  It reads the log Keras already hands every callback, so it adds no host-device
+  synchronisation to the training step."""
+
+  def __init__(self, policy='stop', max_skips=10, last_good=None):
     super().__init__()
+    if policy not in ('stop', 'skip'):
+      raise ValueError(f'policy must be stop or skip, got {policy!r}')
+    if int(max_skips) < 1:
+      raise ValueError(f'max_skips must be >= 1, got {max_skips}')
     self.policy = policy
-    self.skipped = 0
+    self.max_skips = int(max_skips)
+    self.last_good = last_good
+    self.skipped = 0        # all skipped steps of this run
+    self.consecutive = 0    # skipped steps since the last finite one
 
   def on_train_batch_end(self, batch, logs=None):
     if _value(logs, 'finite', 1.) >= 1.:
+      self.consecutive = 0
       return
     step = _step(self.model)
     message = (f'non-finite loss at step {step} (loss {_value(logs, "loss")}, gradient norm '
                f'{_value(logs, "grad_norm")}); the update was not applied')
+    advice = 'Try a longer --warmup_steps, a lower --learning_rate, or --max_grad_norm.'
     if self.policy == 'stop':
       self.model.stop_training = True
-      raise NonFiniteLossError(
-          message + '. Training stopped; the last checkpoint is the last good state. Try a '
-          'longer --warmup_steps, a lower --learning_rate, --max_grad_norm, or '
-          '--on_nonfinite=skip.')
+      raise NonFiniteLossError(f'{message}. Training stopped; {self._last_good()}. {advice} '
+                               '(--on_nonfinite=skip skips such steps instead.)')
     self.skipped += 1
-    logging.warning('%s (skipped %d so far).', message, self.skipped)
+    self.consecutive += 1
+    if self.consecutive >= self.max_skips:
+      self.model.stop_training = True
+      raise NonFiniteLossError(
+          f'{self.consecutive} steps in a row (steps {step - self.consecutive + 1} to {step}) '
+          f'had a non-finite loss or gradient and were skipped (--on_nonfinite=skip, at most '
+          f'--max_nonfinite_skips={self.max_skips} in a row): training stopped; '
+          f'{self._last_good()}. {advice}')
+    logging.warning('%s (skipped %d so far, %d in a row; stopping at %d in a row).', message,
+                    self.skipped, self.consecutive, self.max_skips)
+
+  def _last_good(self):
+    last = self.last_good() if self.last_good else None
+    return (f'the last good checkpoint is {last}; rerunning resumes from it' if last else
+            'there is no checkpoint, so rerunning starts afresh')
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -156,7 +183,11 @@ class TensorBoardSummaries(keras.callbacks.Callback):
       if np.isfinite(rate):
         tf.summary.scalar('images_per_second_epoch', rate)
       for t in self.temperatures:
-        images = self.model.sample(self.num_samples, temperature=t, seed=self.seed).numpy()
+        try:
+          images = self.model.sample(self.num_samples, temperature=t, seed=self.seed).numpy()
+        except NonFiniteError as error:   # no black grid in its place
+          logging.warning('no sample grid at temperature %g: %s', t, error)
+          continue
         tf.summary.image(f'samples/temperature_{t:g}', sampling.image_grid(images)[None],
                          step=step)
     if np.isfinite(test_bpd):

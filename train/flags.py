@@ -77,19 +77,25 @@ flags.DEFINE_float('scale_l2', 0., 'L2 penalty on weight-norm scales (RealNVP / 
 flags.DEFINE_enum('on_nonfinite', 'stop', ['stop', 'skip'],
                   'A NaN or Inf loss or gradient: stop training with a message (the last '
                   'checkpoint stays the last good one), or skip that update and go on.')
+flags.DEFINE_integer('max_nonfinite_skips', 10, 'With --on_nonfinite=skip: stop training '
+                     '(exit status 1) when this many steps in a row had a non-finite loss or '
+                     'gradient.', lower_bound=1)
 flags.DEFINE_integer('bn_refresh_batches', 8, 'Before each per-epoch test evaluation, '
                      'recompute the running statistics of every batch-norm layer on this many '
                      'training batches with the current weights (trainable weights untouched); '
                      '0: off, evaluate with the running averages. Models without batch norm '
                      '(Glow, mAR-SCF) skip it.', lower_bound=0)
-flags.DEFINE_bool('jit_compile', True, 'XLA-compile the train and test steps. Unset '
-                  'automatically under a mirrored or multiworker strategy unless given '
-                  'explicitly, which is then an error (Keras compiles the whole multi-replica '
-                  'step and XLA cannot place per-replica variables).')
+flags.DEFINE_bool('jit_compile', True, 'XLA-compile the train and test steps; under '
+                  '--strategy=mirrored or multiworker, each replica\'s forward and backward '
+                  'pass (the all-reduce and the optimizer update run outside XLA).')
 flags.DEFINE_enum('strategy', 'default', ['default', 'mirrored', 'multiworker'],
                   'tf.distribute strategy: one device; MirroredStrategy over the local GPUs '
                   '(or the logical CPUs of --num_cpu_devices); MultiWorkerMirroredStrategy from '
                   'the TF_CONFIG environment variable.')
+flags.DEFINE_integer('worker_timeout_seconds', 10, '--strategy=multiworker: a worker that '
+                     'sends no heartbeat for this long is declared lost, and the others stop '
+                     'with an error naming the last checkpoint instead of waiting for it.',
+                     lower_bound=1)
 flags.DEFINE_integer('num_cpu_devices', 0, 'Split the CPU into this many logical devices '
                      '(to try --strategy=mirrored without GPUs); 0: leave as is.', lower_bound=0)
 flags.DEFINE_bool('mixed_precision', False, 'mixed_float16 compute with float32 variables, '
@@ -265,7 +271,8 @@ GROUPS = (
      tuple(model_flag_name(f.name) for f in dataclasses.fields(FlowConfig))),
     ('Training', ('batch_size', 'epochs', 'steps_per_epoch', 'learning_rate', 'warmup_steps',
                   'lr_decay', 'optimizer', 'max_grad_norm', 'scale_l2', 'on_nonfinite',
-                  'bn_refresh_batches', 'jit_compile', 'strategy', 'num_cpu_devices',
+                  'max_nonfinite_skips', 'bn_refresh_batches', 'jit_compile', 'strategy',
+                  'num_cpu_devices', 'worker_timeout_seconds',
                   'mixed_precision', 'init_from', 'checkpoint_every_steps', 'keep_checkpoints',
                   'log_every_steps')),
     ('Evaluation and sampling', ('eval_batch_size', 'eval_batches', 'num_importance_samples',

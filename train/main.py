@@ -6,8 +6,13 @@ r"""The tfflows training program: train, evaluate, sample, interpolate and expor
 
 --mode takes one mode or a comma list run in order (train,eval,sample,export); rerunning a
 training command resumes from the workdir. Flags after --flagfile override the file's.
+
+A problem the user can fix (a flag, a file, a full or read-only disk, a non-finite result) ends
+the program with exit status 1 and one line on stderr, "train.main: error: ...", naming the
+flag or file at fault; only a bug in the program shows a traceback.
 """
 
+import errno
 import logging as std_logging
 import os
 import sys
@@ -23,16 +28,22 @@ import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import logging  # noqa: E402  pylint: disable=wrong-import-position
 
+from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
+from tfflows.models.flow_model import NonFiniteError  # noqa: E402  pylint: disable=wrong-import-position
 from train import callbacks  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
+from train import distributed  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402  pylint: disable=wrong-import-position
 from train import modes  # noqa: E402  pylint: disable=wrong-import-position
 from train.run import Run, UserError  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = train_flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Errors that end the program with their message and exit status 1, without a traceback.
-STOPPING_ERRORS = (UserError, callbacks.NonFiniteLossError, checkpoints.PoisonedWeightsError)
+# Errors that end the program with their message and exit status 1, without a traceback:
+# bad flags, unusable files and checkpoints, failed writes, non-finite training or results.
+STOPPING_ERRORS = (app.UsageError, UserError, callbacks.NonFiniteLossError,
+                   checkpoints.PoisonedWeightsError, checkpoints.CheckpointError,
+                   atomic.WriteError, NonFiniteError)
 
 
 def configure_devices(num_cpu_devices):
@@ -56,19 +67,37 @@ def quiet_library_info():
 
 def main(argv):
   quiet_library_info()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments (not flags): {" ".join(argv[1:])}')
-  configure_devices(FLAGS.num_cpu_devices)
-  run = Run.from_flags(FLAGS, modes.MODES, modes.TRAINING_MODES)
-  keras.utils.set_random_seed(FLAGS.seed)
-  if FLAGS.deterministic:
-    tf.config.experimental.enable_op_determinism()
   try:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments (not flags): {" ".join(argv[1:])}')
+    configure_devices(FLAGS.num_cpu_devices)
+    run = Run.from_flags(FLAGS, modes.MODES, modes.TRAINING_MODES)
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.deterministic:
+      tf.config.experimental.enable_op_determinism()
     for mode in run.modes:
+      if mode not in distributed.ALL_WORKER_MODES and not run.is_chief:
+        logging.info('--mode=%s: runs on the chief only', mode)
+        continue
       logging.info('--mode=%s in %s', mode, run.workdir)
       modes.MODES[mode](run)
   except STOPPING_ERRORS as error:
-    sys.exit(f'train.main: {error}')
+    stop(error)
+  except OSError as error:   # from whatever wrote or read a file, named by the error
+    if error.errno in WRITE_ERRNOS:
+      stop(atomic.write_error(error.filename or FLAGS.workdir, error))
+    if error.errno in (errno.EACCES, errno.EPERM) and error.filename:
+      stop(f'{error.filename}: {error.strerror}')
+    raise
+
+
+# OSErrors only a write gives, which the user can fix: full disk, quota, read-only file system.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def stop(error):
+  """Ends the program: exit status 1 and one line, 'train.main: error: MESSAGE', on stderr."""
+  sys.exit(f'train.main: error: {" ".join(str(error).split())}')
 
 
 def parse_flags(argv):

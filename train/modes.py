@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 import tfflows
+from tfflows.models.flow_model import NonFiniteError
 
 from tfflows.data import pipeline
 from train import checkpoints
@@ -79,22 +80,30 @@ def run_eval(run):
   --eval_batches batches (all if 0), written to WORKDIR/eval/ckpt-<step>_k<k>.json
   (``result_path``), with a progress display (images done, running figures, ETA).
 
-  Batch i uses the stateless seed --seed + i, so an eval is reproducible; the IW estimate
-  log (1/k) sum_j w_j is >= the bound's expectation E[log w] for every k. Cost: (1 + k)
-  forward passes an image."""
+  Each image's noise comes from --seed folded with its pixels, so an eval is reproducible and
+  an image's numbers do not depend on --eval_batch_size; the IW estimate log (1/k) sum_j w_j
+  is >= the bound's expectation E[log w] for every k. Cost: (1 + k) forward passes an image.
+  A NaN or Inf number stops the eval (NonFiniteError) at the batch that gives it, and nothing
+  is written. Under --strategy=multiworker worker w of W computes batches w, w + W, ... and
+  the chief gathers them (train/distributed.py), which gives the single-worker figures."""
   f = run.flags
   model, prefix = run.load_model()
   k = f.num_importance_samples
   started = time.perf_counter()
-  bound, iw = [], []
-  total = num_eval_images(run)
-  with progress(run, f'eval (bound and IW k={k})', total) as shown:
+  worker, workers = run.eval_shard
+  per_batch, sizes = {}, []  # {batch index: [size, 2] bound and IW bits/dim}
+  with progress(run, f'eval (bound and IW k={k})', num_eval_images(run)) as shown:
     for i, batch in enumerate(run.test_dataset(drop_remainder=False)):
-      bound.append(model.bits_per_dim(batch, 1, seed=f.seed + i).numpy())
-      iw.append(model.bits_per_dim(batch, k, seed=f.seed + i).numpy())
-      shown.update(len(batch), bound=f'{np.concatenate(bound).mean():.4f}',
-                   iw=f'{np.concatenate(iw).mean():.4f}')
-  bound, iw = np.concatenate(bound), np.concatenate(iw)
+      sizes.append(len(batch))
+      if i % workers == worker:
+        per_batch[i] = np.stack(
+            [_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i),
+             _finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i)], axis=1)
+        running = np.concatenate(list(per_batch.values())).mean(axis=0)
+        shown.update(len(batch), bound=f'{running[0]:.4f}', iw=f'{running[1]:.4f}')
+      else:
+        shown.update(len(batch))  # another worker's batch
+  bound, iw = run.gather_batches(per_batch, sizes, width=2).T
   step = checkpoints.step_of(prefix)
   results = {
       'checkpoint': prefix, 'step': step, 'dataset': f.dataset,
@@ -106,13 +115,23 @@ def run_eval(run):
       'seconds': round(time.perf_counter() - started, 1)}
   path = result_path(run.workdir, 'eval', step, k=k, seed=f.seed,
                      num_images=bound.size if f.eval_batches else None)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  checkpoints.write_json(path, results)
+  if run.is_chief:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoints.write_json(path, results)
   say('eval (%s, step %d, %d %s test images, %.0f s): bound %.4f bits/dim, importance-weighted '
       '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), step, results['num_images'],
       f.dataset, results['seconds'], results['bits_per_dim_bound'], k,
       results['bits_per_dim_iw'], path)
   return results
+
+
+def _finite(bits_per_dim, prefix, batch):
+  bad = ~np.isfinite(bits_per_dim)
+  if bad.any():
+    raise NonFiniteError(f'eval: the model of {prefix} gives NaN or Inf bits/dim for '
+                         f'{int(bad.sum())} of {bad.size} test images of batch {batch}; nothing '
+                         'is written (a model that gives them is broken: check the checkpoint).')
+  return bits_per_dim
 
 
 # ---------------------------------------------------------------------------------- samples
@@ -237,10 +256,11 @@ def run_export(run):
   base = f.export_dir or run.path('export')
   export_dir = os.path.join(base, str(checkpoints.step_of(prefix)))
   with progress(run, 'export', 3, 'stages') as shown:
-    export.export_saved_model(model, export_dir,
-                              num_importance_samples=f.export_importance_samples, overwrite=True)
-    shown.update(1, stage='SavedModel written')
     images = run.images('test', 8)
+    export.export_saved_model(model, export_dir,
+                              num_importance_samples=f.export_importance_samples,
+                              overwrite=True, check_images=images)
+    shown.update(1, stage='SavedModel written')
     loaded, _ = export.load_exported(export_dir)
     shown.update(1, stage='reloaded')
     served = export.serve_log_prob(loaded, images)['bits_per_dim']

@@ -2,12 +2,17 @@
 
 ``Run.from_flags`` turns parsed absl flags into a Run or raises ``app.UsageError`` naming the
 flag (or pair of flags) at fault; modes take a Run and use its helpers for datasets and for the
-model restored from a checkpoint.
+model restored from a checkpoint. Start-up checks cost no compute and write nothing: the
+directories the modes write to (--workdir, --export_dir) must be writable directories (a test
+file is written and deleted), WORKDIR/config.json must be readable and describe the model of
+the flags, and a WORKDIR/checkpoints with checkpoints must have a usable state file.
 """
 
 import dataclasses
 import json
+import math
 import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -15,8 +20,10 @@ from absl import app
 from absl import logging
 
 import tfflows
+from tfflows import atomic
 from tfflows.data import pipeline
 from train import checkpoints
+from train import distributed
 from train import flags as train_flags
 
 CONFIG_JSON = 'config.json'
@@ -41,6 +48,7 @@ class Run:
   jit_compile: bool
   temperatures: list
   _models: dict = dataclasses.field(default_factory=dict)
+  _strategy: object = None
 
   # ------------------------------------------------------------------------------ creation
   @classmethod
@@ -56,9 +64,14 @@ class Run:
                            f'known modes: {", ".join(known_modes)}.')
     config = _flow_config(f)
     workdir = os.path.abspath(f.workdir)
+    temperatures = _temperatures(f)
+    check_writable_dir(workdir, 'workdir', WORKDIR_SUBDIRS)
+    if 'export' in modes and f.export_dir:
+      check_writable_dir(f.export_dir, 'export_dir')
     _check_workdir_config(workdir, config)
+    checkpoints.committed(os.path.join(workdir, checkpoints.CHECKPOINTS))  # a usable state
     run = cls(flags=f, config=config, workdir=workdir, modes=modes,
-              jit_compile=_jit_compile(f), temperatures=[float(t) for t in f.temperatures])
+              jit_compile=f.jit_compile, temperatures=temperatures)
     run._check_checkpoint_exists(trains)
     _check_combinations(f)
     return run
@@ -92,13 +105,14 @@ class Run:
     return os.path.join(self.workdir, *parts)
 
   # ----------------------------------------------------------------------------- datasets
-  def train_dataset(self, seed):
-    """Shuffled, augmented, repeated uint8 batches of the training split."""
+  def train_dataset(self, seed, batch_size=None, num_shards=1, shard_index=0):
+    """Shuffled, augmented, repeated uint8 batches of the training split (of --batch_size, or
+    batch_size); num_shards / shard_index: one replica's part of the split."""
     f = self.flags
     augment = (['flip'] if f.flip else []) + (['translate'] if f.translate_pixels else [])
-    return self._dataset('train', f.batch_size, shuffle=True, augment=augment,
+    return self._dataset('train', batch_size or f.batch_size, shuffle=True, augment=augment,
                          translate_pixels=f.translate_pixels, deterministic=f.deterministic,
-                         seed=seed)
+                         seed=seed, num_shards=num_shards, shard_index=shard_index)
 
   def test_dataset(self, drop_remainder=True):
     """The first --eval_batches batches (all if 0) of the test split, in a fixed order."""
@@ -129,6 +143,38 @@ class Run:
     except FileNotFoundError as error:
       raise UserError(f'--dataset={self.flags.dataset}: data not found. {error}') from None
 
+  # ------------------------------------------------------------------------- distribution
+  @property
+  def strategy(self):
+    """The tf.distribute strategy of --strategy, made once per process (MultiWorkerMirrored-
+    Strategy configures the collectives of the process and cannot be made twice)."""
+    if self._strategy is None:
+      self._strategy = distributed.make_strategy(self.flags.strategy,
+                                                 self.flags.worker_timeout_seconds)
+    return self._strategy
+
+  @property
+  def is_chief(self):
+    """False on the workers of a multi-worker run that are not its chief (they write
+    nothing to the workdir)."""
+    return self.flags.strategy != 'multiworker' or distributed.is_chief(self.strategy)[0]
+
+  @property
+  def eval_shard(self):
+    """(this worker's index, number of workers) over which --mode=eval spreads its batches;
+    (0, 1) unless --strategy=multiworker."""
+    if self.flags.strategy != 'multiworker':
+      return 0, 1
+    return distributed.worker_index(self.strategy), distributed.num_workers(self.strategy)
+
+  def gather_batches(self, results, sizes, width):
+    """The float64 [images, width] per-image results of every batch of a stream (sizes: the
+    size of each batch), from {batch index: [size, width]} of the batches each worker
+    computed (eval_shard)."""
+    if self.flags.strategy != 'multiworker':
+      return np.concatenate([np.zeros((0, width))] + [results[i] for i in range(len(sizes))])
+    return distributed.gather_batches(self.strategy, results, sizes, width)
+
   # -------------------------------------------------------------------------------- model
   def load_model(self, which=None):
     """(model, checkpoint prefix): the model built from the flags, restored from the
@@ -138,22 +184,41 @@ class Run:
     if prefix is None:
       raise UserError(f'--checkpoint={which}: no checkpoint found in {self.workdir}.')
     if prefix not in self._models:
-      model = tfflows.build_model(self.config)
+      model = self.build_model()
       checkpoints.restore_model(model, prefix)
       logging.info('restored the model of %s', prefix)
       self._models = {prefix: model}
     return self._models[prefix], prefix
 
+  def build_model(self):
+    """The model of the flags; UserError naming the problem if the flags describe none (e.g.
+    more levels than the image size allows)."""
+    try:
+      return tfflows.build_model(self.config)
+    except ValueError as error:
+      raise UserError(f'model flags: {_one_line(error)}') from None
+
   def write_workdir_config(self):
     """Writes config.json (the model) once and flags.txt (this invocation's program flags, a
-    flagfile that reproduces the run)."""
-    os.makedirs(self.workdir, exist_ok=True)
+    flagfile that reproduces the run), each atomically: a failing run never leaves a truncated
+    one."""
     if not os.path.exists(self.path(CONFIG_JSON)):
       checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
-    with open(self.path(FLAGS_TXT), 'w', encoding='utf-8') as out:
-      out.write(train_flags.flagfile_text(self.flags, header=(
-          'The flags of the last training invocation of this run; to rerun it (resume):\n'
-          f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
+    atomic.write_text(self.path(FLAGS_TXT), train_flags.flagfile_text(self.flags, header=(
+        'The flags of the last training invocation of this run; to rerun it (resume):\n'
+        f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
+
+  def init_from_config_difference(self):
+    """' (... config.json: --width=16 there)' when the run --init_from names has a config.json
+    whose model differs from the flags' model; '' otherwise."""
+    path = os.path.abspath(self.flags.init_from)
+    for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+      stored = _read_config(os.path.join(directory, CONFIG_JSON))
+      if stored is not None:
+        differ = _config_differences(stored, self.config, where='there')
+        return (f' ({os.path.join(directory, CONFIG_JSON)} differs from the model flags: '
+                f'{"; ".join(differ)})' if differ else '')
+    return ''
 
 
 # ------------------------------------------------------------------------------- checks
@@ -178,15 +243,76 @@ def _check_workdir_config(workdir, config):
   path = os.path.join(workdir, CONFIG_JSON)
   if not os.path.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    stored = json.load(f)
-  current = config.to_dict()
-  differ = [f'--{train_flags.model_flag_name(k)}={_show(current[k])} (workdir: {_show(v)})'
-            for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+  stored = _read_config(path)
+  if stored is None:
+    raise app.UsageError(
+        f'{path} cannot be read as the JSON of a model config: it holds the model of this '
+        'workdir. Restore it, or delete it to have this run write it anew from the model flags '
+        '(a resumed run still checks them against the checkpoint).')
+  differ = _config_differences(stored, config)
   if differ:
     raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
                          f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '
                          'with, or a new --workdir.')
+
+
+def _read_config(path):
+  """The dict of a config.json, None if it is missing or not a JSON object."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return stored if isinstance(stored, dict) else None
+
+
+def _config_differences(stored, config, where='workdir'):
+  current = config.to_dict()
+  return [f'--{train_flags.model_flag_name(k)}={_show(current[k])} ({where}: {_show(v)})'
+          for k, v in sorted(stored.items()) if k in current and _norm(v) != _norm(current[k])]
+
+
+# Subdirectories the modes write to: each that exists must be writable too.
+WORKDIR_SUBDIRS = (checkpoints.CHECKPOINTS, checkpoints.BEST, 'samples', 'export', 'tensorboard')
+
+
+def check_writable_dir(path, flag, subdirs=()):
+  """Raises app.UsageError naming --flag unless ``path`` is a directory this process can write
+  (or can be created as one): a file there is refused, and a test file is written and deleted
+  in it (or in its nearest existing parent), so a read-only or full file system is found
+  before any compute. Existing ``subdirs`` of it are tested too."""
+  path = os.path.abspath(os.fspath(path))
+  existing = path
+  while not os.path.isdir(existing):
+    if os.path.lexists(existing):
+      what = f'--{flag}={path} is' if existing == path else f'--{flag}={path}: {existing} is'
+      raise app.UsageError(f'{what} a file, not a directory.')
+    existing = os.path.dirname(existing)
+  candidates = [existing] + [os.path.join(path, d) for d in subdirs
+                             if os.path.isdir(os.path.join(path, d))]
+  for directory in candidates:
+    try:
+      fd, tmp = tempfile.mkstemp(prefix='.write_test.', suffix='.tmp', dir=directory)
+      try:
+        os.write(fd, b'\0' * 4096)
+      finally:
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as error:
+      raise app.UsageError(f'cannot write {directory}: {error.strerror} (--{flag}={path}).') \
+          from None
+
+
+def _temperatures(f):
+  temperatures = [float(t) for t in f.temperatures]
+  if not all(math.isfinite(t) for t in temperatures):
+    raise app.UsageError(f'--temperatures={",".join(f.temperatures)}: every temperature must be '
+                         'a finite number >= 0.')
+  return temperatures
+
+
+def _one_line(error):
+  return ' '.join(str(error).split())
 
 
 def _norm(value):
@@ -195,20 +321,6 @@ def _norm(value):
 
 def _show(value):
   return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def _jit_compile(f):
-  """jit_compile, turned off under a distribution strategy unless asked for explicitly."""
-  if f.strategy == 'default' or not f.jit_compile:
-    return f.jit_compile
-  if f['jit_compile'].present:
-    raise app.UsageError(f'--strategy={f.strategy} cannot be combined with --jit_compile: Keras '
-                         'XLA-compiles the whole multi-replica step, and XLA cannot use '
-                         'variables placed on other devices. Drop --jit_compile (it is then off '
-                         'for this strategy) or pass --nojit_compile.')
-  logging.info('--strategy=%s: jit_compile off (XLA cannot compile a multi-replica step).',
-               f.strategy)
-  return False
 
 
 def _check_combinations(f):

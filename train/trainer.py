@@ -1,15 +1,25 @@
 """--mode=train: Keras Model.fit with the model's own train_step, resumable from the workdir.
 
-Start-up, in order:
-  1. build the model, optimizer and checkpoint under the distribution strategy's scope;
+Start-up, in order (nothing is written to the workdir before step 4, so a failed start leaves
+nothing behind):
+  1. build the model, optimizer and checkpoint under the distribution strategy's scope (the
+     checkpointer refuses a checkpoints/ directory without a usable state file, and a disk
+     without room for a checkpoint);
   2. restore the newest checkpoint of WORKDIR/checkpoints if there is one (weights, ActNorm's
      initialised flags, optimizer moments and iterations, step, SeedGenerator state);
      otherwise load the weights of --init_from (fine-tuning: fresh optimizer and schedule);
-     otherwise (a fresh run) initialise ActNorm on one real training batch;
-  3. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
+     otherwise (a fresh run) initialise ActNorm on one real training batch; with several
+     workers the chief's state is then copied to every worker (train/distributed.py);
+  3. check that this model gives a finite log-likelihood of the probe images (test images, the
+     same ones every checkpoint is checked on);
+  4. write config.json and flags.txt (atomically);
+  5. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
      fit of the remaining S - t0 % S steps), then whole epochs up to --epochs.
 The schedule and the checkpoints key on the optimizer's iteration count, so a resumed run is at
-the same step, learning rate and optimizer state as the run that wrote the checkpoint.
+the same step, learning rate and optimizer state as the run that wrote the checkpoint. Under
+--strategy=mirrored|multiworker replica r reads shard r of the training split, each replica's
+forward and backward pass is one XLA program (with --jit_compile), and a lost worker stops the
+others with a message naming the chief's last checkpoint.
 """
 
 import time
@@ -18,40 +28,16 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-import tfflows
 from tfflows import optimizers
 from train import callbacks as train_callbacks
 from train import checkpoints
+from train import distributed
 from train import schedule as lr_schedule
 from train.run import UserError, say
 
 
-def make_strategy(name):
-  """tf.distribute strategy: default (one device), mirrored (local GPUs, else every logical
-  CPU device), multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG)."""
-  if name == 'default':
-    return tf.distribute.get_strategy()
-  if name == 'mirrored':
-    if tf.config.list_logical_devices('GPU'):
-      return tf.distribute.MirroredStrategy()
-    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices('CPU')])
-  if name == 'multiworker':
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  raise ValueError(f'unknown strategy {name!r}')
-
-
-def is_chief(strategy):
-  """(is_chief, task id): only the chief of a multi-worker cluster writes to the workdir (the
-  'chief' task, else worker 0 when the cluster has no chief)."""
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  task_type = getattr(resolver, 'task_type', None)
-  if not task_type:
-    return True, 0
-  task_id = resolver.task_id or 0
-  if task_type == 'chief':
-    return True, task_id
-  has_chief = 'chief' in resolver.cluster_spec().as_dict()
-  return task_type == 'worker' and task_id == 0 and not has_chief, task_id
+make_strategy = distributed.make_strategy  # the names other modules and tests use
+is_chief = distributed.is_chief
 
 
 def make_optimizer(name, learning_rate, mixed_precision=False):
@@ -62,16 +48,21 @@ def make_optimizer(name, learning_rate, mixed_precision=False):
   return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
 
 
-def build_training_model(run, schedule):
-  """The compiled FlowModel with a built optimizer (call under the strategy's scope)."""
+def build_training_model(run, schedule, per_replica_xla=False):
+  """The compiled FlowModel with a built optimizer (call under the strategy's scope).
+
+  With jit_compile on, one device has Keras compile the whole step with XLA; under a
+  strategy (per_replica_xla) each replica's forward and backward pass is one XLA program and
+  the all-reduce and the optimizer update run outside it (tfflows.models.replica_step)."""
   f = run.flags
   if f.mixed_precision:
     keras.mixed_precision.set_global_policy('mixed_float16')
-  model = tfflows.build_model(run.config)
+  model = run.build_model()
   model.max_grad_norm = f.max_grad_norm
   model.scale_l2 = f.scale_l2
+  model.replica_jit_compile = bool(run.jit_compile and per_replica_xla)
   optimizer = make_optimizer(f.optimizer, schedule, f.mixed_precision)
-  model.compile(optimizer, jit_compile=run.jit_compile)
+  model.compile(optimizer, jit_compile=bool(run.jit_compile and not per_replica_xla))
   optimizer.build(model.trainable_variables)
   return model
 
@@ -90,34 +81,59 @@ def check_mixed_precision(model, images):
 
 def initialise(run, model, checkpointer, first_batch):
   """Restores the workdir's latest checkpoint, else --init_from's weights, else initialises
-  ActNorm on a real batch (first_batch(): one training batch, read only then). Returns a
-  description for the log."""
+  ActNorm on a real batch (first_batch(): one training batch, read only then). Returns (a
+  description for the log, the checkpoint of WORKDIR/checkpoints resumed from or None)."""
   resumed = checkpointer.restore_latest()
   if resumed:
-    return f'resumed from {resumed}'
+    return f'resumed from {resumed}', resumed
   if run.flags.init_from:
     prefix = checkpoints.find_checkpoint(run.flags.init_from)
-    checkpoints.restore_model(model, prefix)
-    return f'fine-tuning from the weights of {prefix} (fresh optimizer)'
+    try:
+      checkpoints.restore_model(model, prefix)
+    except checkpoints.CheckpointError as error:
+      raise UserError(f'--init_from={run.flags.init_from}: {error}'
+                      f'{run.init_from_config_difference()}') from None
+    return f'fine-tuning from the weights of {prefix} (fresh optimizer)', None
   # ActNorm's data-dependent initialisation, in cross-replica context on one global batch, so
-  # every replica starts from the same statistics.
-  model(tf.cast(first_batch(), tf.float32), training=True)
-  return 'fresh run (ActNorm initialised on one training batch)'
+  # every replica starts from the same statistics (across workers: the chief's, broadcast).
+  unscaled = model.initialize(first_batch())
+  note = f'; {unscaled} channel(s) only centred (uniform batch)' if unscaled else ''
+  return f'fresh run (ActNorm initialised on one training batch{note})', None
+
+
+def probe_images(run, replicas):
+  """The images every checkpoint's model is checked on: the first test images, as many as one
+  replica's batch (the same on every worker: the test split is read in a fixed order)."""
+  return run.images('test', max(1, min(run.eval_batch_size, run.flags.batch_size) // replicas))
+
+
+def synchronise_workers(strategy, model, checkpointer):
+  """Gives every worker the chief's restored or initialised state (weights, ActNorm flags,
+  optimizer moments and iterations, SeedGenerator states, step counters)."""
+  if distributed.num_workers(strategy) == 1:
+    return
+  distributed.broadcast_from_chief(
+      strategy, list(model.variables) + list(model.optimizer.variables)
+      + [checkpointer.step, checkpointer.epoch])
+  step = int(checkpointer.step.numpy())
+  if step:  # the chief resumed from ckpt-<step>: no worker saves that step again
+    checkpointer.last_saved_step = step
 
 
 def run_train(run):
   """Trains to --epochs; returns a summary dict (also logged)."""
   f = run.flags
   started = time.perf_counter()
-  strategy = make_strategy(f.strategy)
+  strategy = run.strategy
   replicas = strategy.num_replicas_in_sync
   if f.batch_size % replicas:
     raise UserError(f'--batch_size={f.batch_size} is not divisible by the {replicas} replicas '
                     f'of --strategy={f.strategy}.')
-  chief, worker_id = is_chief(strategy)
+  chief, worker_id = distributed.is_chief(strategy)
+  workers = distributed.num_workers(strategy)
+  if workers > 1:
+    distributed.log_cluster(strategy)
   train_ds = run.train_dataset(seed=f.seed)  # fails early (nothing written) if data is missing
-  if chief:
-    run.write_workdir_config()
   steps_per_epoch = run.steps_per_epoch
   schedule = lr_schedule.WarmupExponentialDecay(f.learning_rate, f.warmup_steps, f.lr_decay,
                                                 steps_per_epoch)
@@ -126,40 +142,76 @@ def run_train(run):
     return next(iter(train_ds))
 
   with strategy.scope():
-    model = build_training_model(run, schedule)
+    model = build_training_model(run, schedule, per_replica_xla=f.strategy != 'default')
     if f.mixed_precision:
       check_mixed_precision(model, first_batch())
     checkpointer = checkpoints.Checkpointer(run.workdir, model, model.optimizer,
-                                            f.keep_checkpoints, chief, worker_id)
-    how = initialise(run, model, checkpointer, first_batch)
-  start = int(model.optimizer.iterations.numpy())
-  total = f.epochs * steps_per_epoch
-  logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s',
-               how, start, total, f.epochs, steps_per_epoch, replicas, run.jit_compile)
-  summaries = train_callbacks.TensorBoardSummaries(
-      run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
-      run.temperatures, f.seed, write=chief)
-  callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite),
-                   train_callbacks.TrainingProgress(f.epochs, total, f.batch_size, schedule,
-                                                    f.scale_l2 > 0, f.verbose),
-                   train_callbacks.BatchNormRefresh(run.train_dataset(seed=f.seed + 1),
-                                                    f.bn_refresh_batches, seed=f.seed),
-                   summaries,
-                   train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
-                                                      steps_per_epoch)]
-  if start < total:
-    # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
-    # one: the data seed moves with the start step rather than replaying consumed batches.
-    train_ds = run.train_dataset(seed=f.seed + start)
-    fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
-             callback_list, verbose=0)  # TrainingProgress replaces Keras' progress bar
-  else:
-    logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
-                 f.epochs, steps_per_epoch)
-  step = int(model.optimizer.iterations.numpy())
-  checkpointer.save(step, step // steps_per_epoch)  # the final state (a no-op if just saved)
-  checkpointer.close()
+                                            f.keep_checkpoints, chief, worker_id,
+                                            probe_images=probe_images(run, replicas))
+  try:
+    with strategy.scope():
+      how, restored = initialise(run, model, checkpointer, first_batch)
+      synchronise_workers(strategy, model, checkpointer)
+    checkpointer.check_start(how, restored)
+    if chief:
+      run.write_workdir_config()
+    start = int(model.optimizer.iterations.numpy())
+    total = f.epochs * steps_per_epoch
+    logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s%s',
+                 how, start, total, f.epochs, steps_per_epoch, replicas, run.jit_compile,
+                 ' (per replica)' if model.replica_jit_compile else '')
+    summaries = train_callbacks.TensorBoardSummaries(
+        run.path('tensorboard'), schedule, f.batch_size, f.log_every_steps, f.num_samples,
+        run.temperatures, f.seed, write=chief)
+    # The checkpoint callback before the summaries: a model that gives NaN stops training with
+    # the checkpointer's message (naming the last good checkpoint) before anything samples it.
+    # TrainingProgress replaces Keras' progress bar; BatchNormRefresh recomputes batch-norm
+    # statistics before each per-epoch test evaluation (--bn_refresh_batches).
+    callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite, f.max_nonfinite_skips,
+                                                    last_good=lambda: checkpointer.last_good),
+                     train_callbacks.TrainingProgress(f.epochs, total, f.batch_size, schedule,
+                                                      f.scale_l2 > 0, f.verbose),
+                     train_callbacks.BatchNormRefresh(run.train_dataset(seed=f.seed + 1),
+                                                      f.bn_refresh_batches, seed=f.seed),
+                     train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
+                                                        steps_per_epoch),
+                     summaries]
+    if start < total:
+      # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
+      # one: the data seed moves with the start step rather than replaying consumed batches.
+      # Replica r of R reads shard r of the split (train/distributed.py).
+      train_ds = distributed.per_replica_dataset(
+          strategy, f.batch_size,
+          lambda batch, shards, index: run.train_dataset(seed=f.seed + start, batch_size=batch,
+                                                         num_shards=shards, shard_index=index))
+      fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
+               callback_list, verbose=0)
+    else:
+      logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
+                   f.epochs, steps_per_epoch)
+    step = int(model.optimizer.iterations.numpy())
+    checkpointer.save(step, step // steps_per_epoch)  # the final state (a no-op if just saved)
+    if workers > 1:
+      check_workers_agree(strategy, model)
+  except distributed.LOST_WORKER_ERRORS as error:
+    if workers == 1:
+      raise
+    raise UserError(distributed.worker_lost_message(
+        error, checkpoints.resolve(run.workdir, 'latest'))) from None
+  finally:
+    checkpointer.close()
   return _report(summaries, step, start, time.perf_counter() - started)
+
+
+def check_workers_agree(strategy, model):
+  """Every worker must end with bit-identical weights and optimizer state; UserError if not."""
+  agree, digest = distributed.workers_agree(
+      strategy, list(model.variables) + list(model.optimizer.variables))
+  if not agree:
+    raise UserError('the workers ended with different weights (a bug: report it with the logs '
+                    f'of every worker); this worker\'s sha256 is {digest}.')
+  logging.info('all %d workers hold identical weights and optimizer state (sha256 %s)',
+               distributed.num_workers(strategy), digest)
 
 
 def fit_from(model, start, total, steps_per_epoch, train_ds, test_ds, callback_list, verbose):

@@ -26,6 +26,8 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from tfflows.data import sharding
+
 NUM_EXAMPLES = {'train': 1_281_167, 'val': 50_000}
 SPLIT_ALIASES = {'train': 'train', 'val': 'val', 'validation': 'val', 'test': 'val'}
 DOWNLOAD_URL = 'https://image-net.org/download-images (Downsampled ImageNet)'
@@ -160,14 +162,17 @@ def iter_file(path, resolution, chunk=1024):
 
 
 def load_imagenet_npz(split, resolution, data_dir, *, shuffle_files=False, seed=0,
-                      chunk=1024):
+                      chunk=1024, shard=None):
   """tf.data.Dataset of (image uint8 [H, W, 3], label int64) from the npz batches.
 
   Streams file by file. shuffle_files: visit the files in a seeded random order (new each
   epoch) and interleave two files at a time, so a shuffle buffer downstream mixes sources;
   otherwise files are read one after another in natural order (batch_2 before batch_10).
+  shard: None or (num_shards, shard_index): shard i of n reads files i, i + n, ... when the
+  files divide evenly among the shards (10 train files: 2, 5 or 10 shards), else every file,
+  keeping images i, i + n, ... of the stream (the one val file always so).
   """
-  files = find_files(data_dir, resolution, split)
+  files, whole = sharding.shard_files(find_files(data_dir, resolution, split), shard)
   spec = (tf.TensorSpec([None, resolution, resolution, 3], tf.uint8),
           tf.TensorSpec([None], tf.int64))
 
@@ -181,4 +186,5 @@ def load_imagenet_npz(split, resolution, data_dir, *, shuffle_files=False, seed=
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   # Sequential interleave (no num_parallel_calls): the chunk order is deterministic.
   ds = ds.interleave(one_file, cycle_length=2 if shuffle_files else 1, block_length=1)
-  return ds.unbatch()
+  ds = ds.unbatch()
+  return ds if whole else ds.shard(*shard)

@@ -15,8 +15,12 @@ shuffles also fold in TF's global seed when one is set, e.g. by keras.utils.set_
 so reproducing across processes also needs the same global seed, or none.) With
 `deterministic=False` a fresh seed is drawn per build and `seed` is ignored.
 
-Distribution: pass the result to `strategy.experimental_distribute_dataset`; use
-`num_examples` to compute steps per epoch.
+Sharding (several replicas or workers): `num_shards` / `shard_index` give each replica its
+own part of the split, read by that replica's own pipeline: by file where the source has files
+that divide evenly among the shards (the ImageNet npz batches, a prepared TFDS split), else by
+element (the embedded set; every shard then reads every file and keeps its elements). Shard i
+of n draws its shuffle and augmentation from a seed derived from (seed, i, n). Use
+`num_examples` to compute steps per epoch (of the global batch).
 """
 
 import dataclasses
@@ -28,6 +32,7 @@ import tensorflow as tf
 
 from tfflows.data import embedded
 from tfflows.data import imagenet_npz
+from tfflows.data import sharding
 from tfflows.data import tfds_datasets
 
 AUGMENTATIONS = ('flip', 'translate')
@@ -38,8 +43,9 @@ TRANSLATE_MODES = ('reflect', 'edge', 'constant')
 class DatasetEntry:
   """A registered dataset: static facts and a loader.
 
-  load(split, data_dir, download, shuffle_files, seed) -> tf.data.Dataset of
-  (image uint8 image_shape, label int64), in a fixed or file-shuffled order.
+  load(split, data_dir, download, shuffle_files, seed, shard) -> tf.data.Dataset of
+  (image uint8 image_shape, label int64), in a fixed or file-shuffled order; shard: None or
+  (num_shards, shard_index), the part of the split this pipeline reads.
   splits: split name -> number of examples (aliases included).
   """
   name: str
@@ -49,30 +55,32 @@ class DatasetEntry:
   description: str
 
 
-def _load_embedded(split, data_dir, download, shuffle_files, seed):
+def _load_embedded(split, data_dir, download, shuffle_files, seed, shard=None):
   del data_dir, download, shuffle_files, seed  # in memory, shuffled downstream
   images, labels = embedded.load_embedded(split)
+  if shard:  # by element: shard i of n keeps images i, i + n, i + 2n, ...
+    images, labels = images[shard[1]::shard[0]], labels[shard[1]::shard[0]]
   return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
 
 
 def _tfds_loader(name):
-  def load(split, data_dir, download, shuffle_files, seed):
+  def load(split, data_dir, download, shuffle_files, seed, shard=None):
     return tfds_datasets.load_tfds(name, split, data_dir, download=download,
-                                   shuffle_files=shuffle_files, seed=seed)
+                                   shuffle_files=shuffle_files, seed=seed, shard=shard)
   return load
 
 
 def _imagenet_loader(resolution):
   """Prefers image-net.org npz batches under data_dir, falls back to a prepared TFDS copy."""
-  def load(split, data_dir, download, shuffle_files, seed):
+  def load(split, data_dir, download, shuffle_files, seed, shard=None):
     try:
       return imagenet_npz.load_imagenet_npz(split, resolution, data_dir,
-                                            shuffle_files=shuffle_files, seed=seed)
+                                            shuffle_files=shuffle_files, seed=seed, shard=shard)
     except (FileNotFoundError, ValueError) as npz_error:
       try:
         return tfds_datasets.load_tfds(f'imagenet{resolution}', split, data_dir,
                                        download=download, shuffle_files=shuffle_files,
-                                       seed=seed)
+                                       seed=seed, shard=shard)
       except (FileNotFoundError, ImportError):
         raise npz_error from None
   return load
@@ -188,7 +196,8 @@ def _normalize_augment(augment, translate_pixels):
 
 def make_dataset(name, split, batch_size, *, data_dir=None, shuffle=True, augment=('flip',),
                  translate_pixels=0, translate_mode='reflect', deterministic=False, seed=0,
-                 repeat=True, drop_remainder=True, shuffle_buffer=10_000, download=False):
+                 repeat=True, drop_remainder=True, shuffle_buffer=10_000, download=False,
+                 num_shards=1, shard_index=0):
   """tf.data.Dataset of uint8 image batches [B, H, W, C] from a registered dataset.
 
   name: a key of DATASETS. split: 'train' or 'test' (also the aliases each dataset lists).
@@ -198,6 +207,8 @@ def make_dataset(name, split, batch_size, *, data_dir=None, shuffle=True, augmen
     `translate_pixels` (any value > 0 enables it) with `translate_mode` padding.
   deterministic / seed: see the module docstring. repeat: loop forever (reshuffling each
   epoch). drop_remainder: static batch size. download: let TFDS download missing data.
+  num_shards / shard_index: read only part shard_index of num_shards of the split (see the
+  module doc); batch_size is then this shard's batch (the global batch / num_shards).
   """
   entry = get_entry(name)
   if split not in entry.splits:
@@ -207,11 +218,13 @@ def make_dataset(name, split, batch_size, *, data_dir=None, shuffle=True, augmen
   if translate_mode not in TRANSLATE_MODES:
     raise ValueError(f'translate_mode must be one of {TRANSLATE_MODES}, not {translate_mode!r}')
   flip = _normalize_augment(augment, translate_pixels)
+  shard = sharding.check_shard(num_shards, shard_index)
   base_seed = int(seed) if deterministic else secrets.randbits(62)
+  entropy = [base_seed, shard[1], shard[0]] if shard else base_seed
   file_seed, shuffle_seed, augment_seed = (
-      int(s) for s in np.random.SeedSequence(base_seed).generate_state(3))
+      int(s) for s in np.random.SeedSequence(entropy).generate_state(3))
 
-  ds = entry.load(split, data_dir, download, shuffle, file_seed)
+  ds = entry.load(split, data_dir, download, shuffle, file_seed, shard)
   ds = ds.map(lambda image, label: tf.ensure_shape(image, entry.image_shape),
               num_parallel_calls=tf.data.AUTOTUNE)
   if shuffle:

@@ -18,6 +18,8 @@ import re
 
 import tensorflow as tf
 
+from tfflows.data import sharding
+
 CELEBA_CROP = 148
 CELEBA_SIZE = 64
 
@@ -109,7 +111,8 @@ def not_prepared_message(name, split, data_dir, where):
           f'{prepare_command(source.tfds_name, data_dir or where)}.')
 
 
-def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False, seed=0):
+def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False, seed=0,
+              shard=None):
   """tf.data.Dataset of (image uint8, label int64) for one of `SOURCES`.
 
   name: 'mnist', 'cifar10', 'celeba64', 'imagenet32', 'imagenet64'.
@@ -118,6 +121,9 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
   when it is missing (and download is False).
   download: let TFDS download and prepare missing data (needs network).
   shuffle_files: seeded shuffling of the TFDS shard order.
+  shard: None or (num_shards, shard_index): by file (TFDS' own input_context sharding) when
+  the split's files divide evenly among the shards, else the shard_index-th of num_shards
+  even ranges of examples (``tfds.even_splits``, which reads only that range's files).
   """
   if name not in SOURCES:
     raise ValueError(f'no TFDS source {name!r}; known: {sorted(SOURCES)}')
@@ -127,12 +133,18 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   where = data_dir or tfds.core.constants.DATA_DIR
-  read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+  tfds_split = source.splits[split]
   try:
     with _no_warnings_about_absent_folders():
-      ds = tfds.load(source.tfds_name, split=source.splits[split], data_dir=data_dir,
+      tfds_split, input_context = shard_split(tfds, source.tfds_name, tfds_split, data_dir,
+                                               shard)
+      read_config = None
+      if shuffle_files or input_context:
+        read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
+                                      input_context=input_context)
+      ds = tfds.load(source.tfds_name, split=tfds_split, data_dir=data_dir,
                      download=download, shuffle_files=shuffle_files, read_config=read_config)
-  except (AssertionError, FileNotFoundError, OSError,
+  except (AssertionError, FileNotFoundError, OSError, KeyError,
           tfds.core.registered.DatasetNotFoundError) as e:
     message = not_prepared_message(name, split, data_dir, where)
     if tf.io.gfile.exists(os.path.join(where, source.tfds_name.split('/')[0])):
@@ -145,3 +157,14 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
     return image, tf.cast(label, tf.int64)
 
   return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def shard_split(tfds, tfds_name, tfds_split, data_dir, shard):
+  """(split, tf.distribute.InputContext or None) that read one shard of a TFDS split."""
+  if not shard:
+    return tfds_split, None
+  num_files = tfds.builder(tfds_name, data_dir=data_dir).info.splits[tfds_split].num_shards
+  if sharding.by_file(num_files, shard):
+    return tfds_split, tf.distribute.InputContext(num_input_pipelines=shard[0],
+                                                  input_pipeline_id=shard[1])
+  return tfds.even_splits(tfds_split, shard[0])[shard[1]], None

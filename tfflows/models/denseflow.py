@@ -45,7 +45,7 @@ import math
 import bijectors as fb
 from bijectors import cross_unit, multiscale
 from tfflows.distributions import dequantization, variational_dequantization
-from tfflows.models import glow
+from tfflows.distributions.split_priors import split_priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.denseflow_net import DenseFlowConditioner
 from tfflows.nn.precision import dtype_policy_scope
@@ -162,7 +162,8 @@ def build_dequantizer(config):
 
 def build(config):
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  return FlowModel(config, flow, glow.split_priors(flow, config), build_dequantizer(config))
+  return FlowModel(config, flow, split_priors(flow.latent_shapes, config.split_prior),
+                   build_dequantizer(config))
 
 
 # -- parameter count ------------------------------------------------------------------------

@@ -6,6 +6,11 @@
     model.encode(images) / model.decode(latents)
     model.distribution                     tfd distribution over dequantized images x + u
 
+With a seed, ``log_prob`` draws each image's noise from a stateless seed folded from that image's
+pixels and the seed (``tfflows.random.example_seeds``): an image's number is a function of the
+image and the seed alone, the same whatever batch it is evaluated in. ``sample`` and ``decode``
+raise ``NonFiniteError`` rather than turn NaN or Inf values into pixels.
+
 For images x, dequantization noise u ~ q(u|x) and, in augmented flows (DenseFlow), noise
 e ~ p*(e) = N(0, I), one joint sample gives the log-weight
 
@@ -24,13 +29,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from absl import logging
 
+from bijectors import actnorm
 from tfflows import random
 from tfflows.distributions import joint
+from tfflows.models import replica_step
 from tfflows.nn.resnet import weight_norm_scales
 
 tfd = tfp.distributions
 tfb = tfp.bijectors
+
+
+class NonFiniteError(FloatingPointError):
+  """The model produced NaN or Inf values where an image or a number was asked for."""
 
 
 class FlowModel(keras.Model):
@@ -53,17 +65,60 @@ class FlowModel(keras.Model):
     self.iw_chunk_size = iw_chunk_size
     self.max_grad_norm = max_grad_norm  # global-norm gradient clipping in train_step (0: off)
     self.scale_l2 = scale_l2  # L2 on weight-norm scales g (RealNVP / LCMA: 5e-5; 0: off)
+    # Under a tf.distribute strategy: XLA-compile each replica's forward and backward
+    # (tfflows.models.replica_step). Keras' own jit_compile must then be off (it would compile
+    # the whole multi-replica step, which XLA cannot).
+    self.replica_jit_compile = False
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
     self._build_weights()
 
   # -- construction ---------------------------------------------------------------------------
   def _build_weights(self):
-    """Creates every weight by one generative pass (which leaves ActNorm uninitialised, so the
-    first training batch still initialises it) and one dequantizer pass."""
+    """Creates every weight by one generative pass (ActNorm stays uninitialised, the identity,
+    until ``initialize``) and one dequantizer pass."""
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
     self.dequantizer(tf.zeros((1,) + self.image_shape), midpoint=True)
     self.built = True
+
+  # -- data-dependent initialisation ----------------------------------------------------------
+  @property
+  def is_initialized(self):
+    """True once every ActNorm has been initialised (by ``initialize`` or a restore)."""
+    return actnorm.actnorm_state(self)[0] == 0
+
+  def initialize(self, images):
+    """ActNorm's data-dependent initialisation on a batch of real training images.
+
+    images: uint8 [B, H, W, C] (the first training batch). One training-mode pass of the
+    one-sample log-weight runs inside ``bijectors.actnorm.data_initialization()``: every
+    uninitialised ActNorm, in flow order, sets loc and log_scale so that its input comes out
+    with zero mean and unit variance per channel (Glow, section 3.1), and later steps see the
+    normalised outputs. Already initialised ActNorms keep their weights; batch-norm moving
+    statistics take one update from this batch, as from a training step. Only training calls
+    this (the training program, or ``fit`` on an uninitialised model): inference never changes
+    weights, and an uninitialised ActNorm is the identity.
+    Returns the number of ActNorm channels left unscaled because their spread on this batch was
+    below ``bijectors.actnorm.MIN_STD`` (logged when > 0).
+    """
+    values = self.check_images(images)
+    with actnorm.data_initialization():
+      self.log_weight(values, training=True)
+    fresh, unscaled = actnorm.actnorm_state(self)
+    if fresh:
+      raise RuntimeError(f'{fresh} ActNorm layers were not reached by the initialisation pass.')
+    if unscaled:
+      logging.warning('ActNorm initialisation: %d channel(s) had a spread below %g on the '
+                      'initialisation batch (e.g. uniform images) and were only centred, not '
+                      'scaled.', unscaled, actnorm.MIN_STD)
+    return unscaled
+
+  def fit(self, x=None, *args, **kwargs):  # pylint: disable=keyword-arg-before-vararg
+    """Keras ``fit``; an uninitialised model first runs ``initialize`` on the first batch of x
+    (a tf.data.Dataset of images or (images, ...) tuples, or an array of images)."""
+    if not self.is_initialized:
+      self.initialize(_first_batch(x, kwargs.get('batch_size')))
+    return super().fit(x, *args, **kwargs)
 
   # -- input checks ---------------------------------------------------------------------------
   def check_images(self, images):
@@ -84,8 +139,10 @@ class FlowModel(keras.Model):
     return self.log_weight(images, training=training, seed=seed)
 
   def log_weight(self, images, training=None, midpoint=False, seed=None):
-    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator) or a
-    stateless [2] int seed, which makes the result deterministic."""
+    """log w for one joint draw of the noise. seed: None (the model's SeedGenerator), a
+    stateless [2] int seed (one stream over the whole batch), or [B, 2] per-image seeds
+    (``tfflows.random.example_seeds``: image b's noise depends on seed[b] only); a stateless
+    seed makes the result deterministic."""
     seeds = _split_seeds(seed, 1 + len(self.flow.noise_shapes), self.seed_generator)
     values, log_q = self.dequantizer(images, seed=seeds[0], midpoint=midpoint)
     noise, log_p_noise = self._augmentation_noise(tf.shape(images)[0], zero=midpoint,
@@ -107,7 +164,9 @@ class FlowModel(keras.Model):
   def log_prob(self, images, num_samples=1, seed=None):
     """log P(images) in nats, [B]: the one-sample bound (k = 1) or the k-sample IW estimate.
 
-    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic."""
+    seed: None draws fresh noise; an int (or [2] tensor) makes the result deterministic, and
+    then each image's noise comes from a seed folded from its own pixels and ``seed``, so its
+    number does not depend on the other images of the batch (nor on their number or order)."""
     images = self.check_images(images)
     if int(num_samples) < 1:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
@@ -140,7 +199,11 @@ class FlowModel(keras.Model):
     return cache[key]
 
   def estimate_log_prob(self, images, num_samples=1, seed=None):
-    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1)."""
+    """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1).
+
+    seed: None (the SeedGenerator) or a stateless [2] seed, folded per image (see log_prob)."""
+    if seed is not None:
+      seed = random.example_seeds(images, seed)
     if num_samples == 1:
       return self(images, training=False, seed=seed)
     return self.importance_weighted(images, num_samples, seed)
@@ -149,16 +212,21 @@ class FlowModel(keras.Model):
     """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
 
     Chunks of ``iw_chunk_size`` samples are evaluated as one tiled batch, so memory stays that
-    of a batch of B * chunk images for any k (k = 1000 included)."""
+    of a batch of B * chunk images for any k (k = 1000 included). seed: None or [B, 2]
+    per-image seeds; sample j of image b draws from fold_in(seed[b], j)."""
     chunk = min(self.iw_chunk_size, num_samples)
     num_chunks = -(-num_samples // chunk)
     batch = tf.shape(images)[0]
-    tiled = tf.tile(images, [chunk, 1, 1, 1])
+    tiled = tf.tile(images, [chunk, 1, 1, 1])   # row j * B + b: sample j of image b
+    if seed is not None:
+      tiled_seeds = tf.tile(seed, [chunk, 1])
+      sample_in_chunk = tf.repeat(tf.range(chunk), batch)
     running_max = tf.fill([batch], -np.inf)
     running_sum = tf.zeros([batch])
     for i in tf.range(num_chunks):
       valid = tf.minimum(chunk, num_samples - i * chunk)
-      chunk_seed = None if seed is None else seed + tf.stack([i + 1, 0])
+      chunk_seed = None if seed is None else random.fold_in(tiled_seeds,
+                                                             i * chunk + sample_in_chunk)
       log_w = tf.reshape(self(tiled, training=False, seed=chunk_seed), [chunk, batch])
       log_w = tf.where(tf.range(chunk)[:, None] < valid, log_w, -np.inf)
       new_max = tf.maximum(running_max, tf.reduce_max(log_w, axis=0))
@@ -169,13 +237,16 @@ class FlowModel(keras.Model):
 
   # -- generation and latents -----------------------------------------------------------------
   def sample(self, n, temperature=1.0, seed=None):
-    """n uint8 images [n, H, W, C] drawn top-down at the given temperature."""
+    """n uint8 images [n, H, W, C] drawn top-down at the given temperature.
+
+    Raises ValueError for n < 1 or a temperature that is negative, NaN or infinite, and
+    NonFiniteError if the model's samples hold NaN or Inf (a broken model: no black or white
+    images are returned in their place)."""
     if int(n) < 1:
       raise ValueError(f'n must be >= 1, got {n}.')
-    if float(temperature) < 0:
-      raise ValueError(f'temperature must be >= 0, got {temperature}.')
+    check_temperature(temperature)
     x = self.sample_values(int(n), temperature, seed)
-    return to_images(x)
+    return to_images(check_finite(x, f'model.sample(n={int(n)}, temperature={temperature})'))
 
   def sample_values(self, n, temperature=1.0, seed=None):
     """Dequantized-scale samples in [0, 256) (float) before quantisation."""
@@ -191,9 +262,10 @@ class FlowModel(keras.Model):
     return latents
 
   def decode(self, latents):
-    """uint8 images from latents (top-down list); augmentation noise is dropped."""
+    """uint8 images from latents (top-down list); augmentation noise is dropped. Raises
+    NonFiniteError if the decoded values hold NaN or Inf."""
     x, _ = self.flow.decode(latents)
-    return to_images(x)
+    return to_images(check_finite(x, 'model.decode'))
 
   @property
   def distribution(self):
@@ -212,19 +284,32 @@ class FlowModel(keras.Model):
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras' TensorFlow trainer, under a strategy, reads the first batch of fit / evaluate and
+    # all-reduces it (a MEAN over replicas) only to build the model and the optimizer
+    # symbolically. A FlowModel has every weight from construction, and that all-reduce of
+    # uint8 images fails under MultiWorkerMirroredStrategy (CollectiveReduceV2 has no uint8
+    # kernel), so the optimizer is built directly instead.
+    if not self.built:
+      super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    elif self.optimizer is not None and not self.optimizer.built:
+      with self.distribute_strategy.scope():
+        self.optimizer.build(self.trainable_variables)
+
   @property
   def metrics(self):
     return [m for m in (getattr(self, 'bpd_tracker', None),
                         getattr(self, 'grad_norm_tracker', None)) if m is not None]
 
   def train_step(self, data):
+    """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
+    context; ``replica_step`` has the forward and backward per replica (XLA-compiled per
+    replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
+    on the reduced gradients: the single-device step on the global batch (see there for what
+    stays per replica)."""
     images = tf.cast(_images_of(data), tf.float32)
-    with tf.GradientTape() as tape:
-      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
-      loss = bpd + self.regularization()
-    grads = tape.gradient(loss, self.trainable_variables)
-    # ActNorm's first (data-initialising) call gives its weights no gradient: use zeros.
-    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    bpd, loss, grads = replica_step.loss_and_gradients(self, images)
+    bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
@@ -233,11 +318,23 @@ class FlowModel(keras.Model):
     # and the trainer reports it. One broadcasting select per gradient.
     finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
     grads = [tf.where(finite, g, tf.constant(0., g.dtype)) for g in grads]
-    self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+    replica_step.apply_reduced_gradients(self.optimizer, zip(grads, self.trainable_variables))
     self.bpd_tracker.update_state(bpd)
     self.grad_norm_tracker.update_state(grad_norm)
-    return {'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
-            'loss': loss, 'finite': tf.cast(finite, tf.float32)}
+    return replica_step.keras_logs({
+        'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
+        'loss': loss, 'finite': tf.cast(finite, tf.float32)})
+
+  def loss_and_gradients(self, images):
+    """(bits/dim, loss, gradients) of float images [B, H, W, C]: the mean one-sample bound of
+    the batch plus the regularisation, and its gradient for every trainable variable."""
+    with tf.GradientTape() as tape:
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=True)))
+      loss = bpd + self.regularization()
+    grads = tape.gradient(loss, self.trainable_variables)
+    # A weight the loss does not reach (none in the shipped models) gets a zero gradient.
+    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.trainable_variables)]
+    return bpd, loss, grads
 
   def regularization(self):
     """scale_l2 * sum ||g||^2 over the weight-norm scales (zero when scale_l2 is 0)."""
@@ -248,17 +345,45 @@ class FlowModel(keras.Model):
 
   def test_step(self, data):
     images = tf.cast(_images_of(data), tf.float32)
-    bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
+    with random.replica_rows(*replica_step.replica_position()):  # distinct noise per replica
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
     self.bpd_tracker.update_state(bpd)
-    return {'bpd': self.bpd_tracker.result()}
+    return replica_step.keras_logs({'bpd': self.bpd_tracker.result()})
 
 
 def _split_seeds(seed, num, seed_generator):
-  """num stateless seeds derived from one [2] seed, or the SeedGenerator num times."""
+  """num stateless seeds derived from one [2] seed or from [B, 2] per-image seeds (each image
+  keeps streams of its own), or the SeedGenerator num times."""
   if seed is None:
     return [seed_generator] * num
   seed = tf.cast(seed, tf.int32)
+  if seed.shape.rank == 2:
+    return [random.fold_in(seed, i) for i in range(num)]
   return [seed + tf.constant([0, 7919 * i], tf.int32) for i in range(num)]
+
+
+def check_temperature(temperature):
+  """Raises ValueError unless temperature is a finite number >= 0 (an infinite temperature
+  scales the prior's noise to infinity: every sample would be NaN)."""
+  t = float(temperature)
+  if not math.isfinite(t) or t < 0:
+    raise ValueError(f'temperature must be a finite number >= 0, got {temperature}.')
+  return t
+
+
+def check_finite(values, what):
+  """values, or NonFiniteError (eager) / InvalidArgumentError (in a graph) naming `what` if
+  they hold NaN or Inf."""
+  if not tf.executing_eagerly():
+    return tf.debugging.check_numerics(values, f'{what}: the model produced NaN or Inf values')
+  bad = ~np.isfinite(np.asarray(values))
+  if bad.any():
+    rows = int(np.any(bad.reshape(bad.shape[0], -1), axis=1).sum()) if bad.ndim > 1 else 1
+    raise NonFiniteError(f'{what}: {rows} of {bad.shape[0]} images hold NaN or Inf values '
+                         f'({int(bad.sum())} of {bad.size} values): the model gives non-finite '
+                         'outputs, so no images are returned (a model that produces them is '
+                         'broken: check the checkpoint it was restored from).')
+  return values
 
 
 def to_images(values):
@@ -268,6 +393,16 @@ def to_images(values):
 
 def _images_of(data):
   return data[0] if isinstance(data, (tuple, list)) else data
+
+
+def _first_batch(x, batch_size=None):
+  """The first batch of images that ``fit`` would see, for the initialisation pass."""
+  if isinstance(x, tf.data.Dataset):
+    return _images_of(next(iter(x)))
+  if isinstance(x, (np.ndarray, tf.Tensor)):
+    return x[:batch_size or 32]
+  raise ValueError(f'fit cannot take the initialisation batch from a {type(x).__name__}: call '
+                   'model.initialize(images) with a batch of real training images first.')
 
 
 def _as_checked_array(images, image_shape):

@@ -7,7 +7,7 @@ The split keeps the first half of the channels; the factored half has Glow's lea
 N(mu(r), sigma(r)) from a zero-initialised conv over the kept half r. The top latent has a
 learned per-channel Gaussian. Paper size for CIFAR-10: L = 3, K = 32, width 512.
 
-``config.split`` (``tfflows.lcma``): static (Glow's split), random (a fixed random permutation
+``config.split`` (``tfflows.split_permutations``): static (Glow's split), random (a fixed random permutation
 of the level's dimensions before the split) or lcma / lcma_reverse (the permutations of
 config.lcma_masks, inserted after the level's last step, right before the split). Glow's split
 shapes equal RealNVP's with num_scales = num_levels, so a masks file from the analysis of a
@@ -17,8 +17,9 @@ so the per-dimension log-det is undefined). split='none' is not supported on Glo
 
 import bijectors as fb
 from bijectors import multiscale
-from tfflows import lcma
-from tfflows.distributions import dequantization, priors
+from tfflows import split_permutations
+from tfflows.distributions import dequantization
+from tfflows.distributions.split_priors import split_priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.glow_net import GlowConditioner
 
@@ -37,12 +38,13 @@ def build_levels(config, step_fn=None, split_permutation=None):
   """Levels of squeeze + K steps (+ split), and the latent priors (top-down).
 
   split_permutation(level_index, shape) -> a bijector applied right before the split, or None;
-  by default the permutation of config.split (``tfflows.lcma.split_permutation_fn``)."""
+  by default the permutation of config.split
+  (``tfflows.split_permutations.split_permutation_fn``)."""
   if config.split == 'none':
     raise ValueError("split='none' (no factoring out) exists for LCMA's RealNVP pre-training; "
                      'Glow supports split=static|random|lcma|lcma_reverse.')
   if split_permutation is None:
-    split_permutation = lcma.split_permutation_fn(config)
+    split_permutation = split_permutations.split_permutation_fn(config)
   step_fn = step_fn or (lambda c, name: flow_step(c, config.width, config.scale_fn,
                                                   config.conv1x1, name=name))
   h, w, c = config.image_shape
@@ -68,18 +70,7 @@ def build_levels(config, step_fn=None, split_permutation=None):
   return levels
 
 
-def split_priors(flow, config):
-  """Learned top prior, then Glow's split priors (or N(0, I)), top-down."""
-  latent_shapes = flow.latent_shapes
-  result = [priors.DiagonalGaussianPrior(latent_shapes[0], name='prior_top')]
-  for k, shape in enumerate(latent_shapes[1:], start=1):
-    if config.split_prior == 'learned':
-      result.append(priors.GlowSplitPrior(shape, name=f'prior_split{k}'))
-    else:
-      result.append(priors.StandardNormalPrior(shape, name=f'prior_split{k}'))
-  return result
-
-
 def build(config):
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  return FlowModel(config, flow, split_priors(flow, config), dequantization.UniformDequantizer())
+  return FlowModel(config, flow, split_priors(flow.latent_shapes, config.split_prior),
+                   dequantization.UniformDequantizer())

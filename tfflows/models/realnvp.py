@@ -11,7 +11,7 @@
 Couplings use log-scale = s_c * tanh(h) and residual conditioners (batch norm, weight norm)
 with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
 
-``config.split`` chooses the permutation before each split (``tfflows.lcma``):
+``config.split`` chooses the permutation before each split (``tfflows.split_permutations``):
 
     static        none: the split keeps channels [:c/2] of the squeezed tensor (RealNVP)
     random        a fixed random permutation of the level's h*w*c dimensions
@@ -25,7 +25,7 @@ with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
 
 import bijectors as fb
 from bijectors import multiscale
-from tfflows import lcma
+from tfflows import split_permutations
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
 from tfflows.nn.resnet import ResNetConditioner
@@ -40,11 +40,12 @@ def coupling(channels, mask, parity, width, config, name):
 def build_levels(config, split_permutation=None):
   """split_permutation(level_index, shape) -> a bijector applied before the split, or None.
 
-  Without one, the permutation of config.split (``tfflows.lcma.split_permutation_fn``)."""
+  Without one, the permutation of config.split
+  (``tfflows.split_permutations.split_permutation_fn``)."""
   if config.split == 'none':
     return build_unsplit_levels(config)
   if split_permutation is None:
-    split_permutation = lcma.split_permutation_fn(config)
+    split_permutation = split_permutations.split_permutation_fn(config)
   h, w, c = config.image_shape
   levels = []
   for s in range(config.num_scales):

@@ -1,6 +1,6 @@
 """The LCMA ablation on the embedded MNIST digits: four split options, one analysis.
 
-    python -m tfflows.lcma_ablation --workdir=/tmp/lcma_ablation [--steps=300 ...]
+    python -m train.lcma_ablation --workdir=/tmp/lcma_ablation [--steps=300 ...]
 
 1. pre-trains a small RealNVP with no factoring out (split='none') for --pretrain_steps;
 2. analyses it on the training digits and writes WORKDIR/lcma_masks.npz;
@@ -100,7 +100,7 @@ def main(argv=None):
   masks = os.path.join(args.workdir, lcma.MASKS_NAME)
   contributions = lcma.analyze(pre, [train[i:i + 500] for i in range(0, len(train), 500)],
                                max_examples=args.analysis_images, seed=args.seed)
-  lcma.write_masks(masks, contributions, metadata={'source': 'tfflows.lcma_ablation'})
+  lcma.write_masks(masks, contributions, metadata={'source': 'train.lcma_ablation'})
   print(lcma.describe(contributions), flush=True)
 
   bounds = {}

@@ -18,8 +18,8 @@ Weights are random but non-trivial (ActNorm initialised on random images, zero-i
 outputs perturbed), so the MixLogCDF root searches do real work. Times are the mean and standard
 deviation over ``repeats`` runs; on a shared CPU expect noise.
 
-    python -m tfflows.marps_timing                 # C = 3, batch 8, MixLogCDF couplings
-    python -m tfflows.marps_timing --channels=1 --coupling=affine --repeats=3
+    python -m train.marps_timing                 # C = 3, batch 8, MixLogCDF couplings
+    python -m train.marps_timing --channels=1 --coupling=affine --repeats=3
 
 From code: ``rows = run(sizes=(8, 16, 32, 64)); print(format_table(rows))``.
 """
@@ -59,7 +59,7 @@ def randomize(model, seed=0, std=0.05):
   """Initialises ActNorm on random images and perturbs every all-zero trainable weight."""
   rng = np.random.RandomState(seed)
   images = rng.randint(0, 256, size=(4,) + model.image_shape).astype(np.uint8)
-  model.log_weight(tf.cast(images, tf.float32))
+  model.initialize(images)
   for w in model.trainable_weights:
     if not np.any(w.numpy()):
       w.assign(rng.normal(0., std, size=w.shape).astype(w.dtype))
