@@ -91,6 +91,7 @@ class ActNorm(base.FlowBijector):
 
   def __init__(self, channels, min_std=MIN_STD, name='act_norm'):
     self.params = ActNormParams(channels, name=name)
+    self.channels = channels  # the base class checks inputs against it
     self.min_std = min_std
     super().__init__(name=name, layers=[self.params])
 

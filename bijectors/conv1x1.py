@@ -74,7 +74,7 @@ class InvertibleConv1x1(base.FlowBijector):
     self.channels = channels
     self.parameterization = parameterization
     self.params = Conv1x1Params(channels, parameterization, seed=seed, name=name)
-    super().__init__(name=name, layers=[self.params])
+    super().__init__(name=name, layers=[self.params], is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     self._check_channels(x)

@@ -175,7 +175,7 @@ class CrossUnitBlock(base.FlowBijector):
       outputs.append(h)
     return h, total
 
-  def inverse_with_noise(self, y, **unused):
+  def _inverse_with_noise(self, y, **unused):
     """y -> (x_0, [e_1, ..., e_{n-1}], ildj) with ildj = -forward log-det at (x_0, e)."""
     self._check(y, self.out_channels, 'an output')
     g = self.growth_rate
@@ -198,7 +198,7 @@ class CrossUnitBlock(base.FlowBijector):
     return x0, noise, total
 
   def _inverse_and_log_det(self, y, **unused):
-    x0, _, ildj = self.inverse_with_noise(y)
+    x0, _, ildj = self._inverse_with_noise(y)
     return x0, ildj
 
   # -- shapes -------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class AugmentedChain(base.Chain):
       total = total + ldj
     return x, total
 
-  def inverse_with_noise(self, y, **condition):
+  def _inverse_with_noise(self, y, **condition):
     noise, total = [], 0.
     for b in reversed(self.bijectors):
       if getattr(b, 'noise_shapes', ()):
@@ -259,5 +259,5 @@ class AugmentedChain(base.Chain):
     return y, noise, total
 
   def _inverse_and_log_det(self, y, **condition):
-    x, _, ildj = self.inverse_with_noise(y, **condition)
+    x, _, ildj = self._inverse_with_noise(y, **condition)
     return x, ildj

@@ -49,7 +49,7 @@ class ReverseChannels(base.FlowBijector):
   """y[..., i] = x[..., C - 1 - i]; its own inverse."""
 
   def __init__(self, name='reverse_channels'):
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     return tf.reverse(x, axis=[-1]), _zero(x)
@@ -62,7 +62,7 @@ class SwapHalves(base.FlowBijector):
   """y = concat(x[..., c1:], x[..., :c1]) with c1 = ceil(C/2) (DenseFlow's step end)."""
 
   def __init__(self, name='swap_halves'):
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     c1 = math.ceil(x.shape[-1] / 2)
@@ -79,7 +79,7 @@ class ChannelPermutation(base.FlowBijector):
   def __init__(self, perm, name='channel_permutation'):
     self.perm = validate_permutation(perm)
     self.inverse_perm = np.argsort(self.perm).astype(np.int32)
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     self._check(x)
@@ -111,7 +111,7 @@ class FlatPermutation(base.FlowBijector):
                        f'event_shape {self.event_shape_in}.')
     self.perm = validate_permutation(perm, size)
     self.inverse_perm = np.argsort(self.perm).astype(np.int32)
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     return _permute_flat(x, self.perm, self.event_shape_in, self.event_shape_out), _zero(x)
@@ -141,11 +141,8 @@ def _event_shape(shape, what):
 
 
 def _permute_flat(x, perm, shape_in, shape_out):
+  """[N, *shape_in] -> [N, *shape_out] (the base class folds any leading axes into N)."""
   if list(x.shape[-3:]) != list(shape_in):
     raise ValueError(f'expected event shape {tuple(shape_in)}, got tensor shape {x.shape}.')
   flat = tf.reshape(x, [-1, perm.size])
-  out = tf.reshape(tf.gather(flat, perm, axis=-1), [-1] + list(shape_out))
-  if x.shape.rank == 4:
-    return out
-  batch = tf.shape(x)[:-3]   # any other batch rank: restore the folded dimensions
-  return tf.reshape(out, tf.concat([batch, tf.constant(shape_out, batch.dtype)], 0))
+  return tf.reshape(tf.gather(flat, perm, axis=-1), [-1] + list(shape_out))

@@ -29,7 +29,7 @@ class ToUnitInterval(base.FlowBijector):
   """x = v / 256 - 0.5; log-det -H*W*C*ln(256)."""
 
   def __init__(self, name='to_unit_interval'):
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, v, **unused):
     return v / 256. - 0.5, tf.constant(-_num_dims(v) * LOG_256, v.dtype)

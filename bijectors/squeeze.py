@@ -12,16 +12,15 @@ reference Glow code (and therefore its channel splits) assumes.
 import tensorflow as tf
 
 from bijectors import base
+from bijectors import batching
 
 
 def squeeze(x):
-  """[..., H, W, C] -> [..., H/2, W/2, 4C], output channel c*4 + 2*dy + dx."""
+  """[..., H, W, C] -> [..., H/2, W/2, 4C], output channel c*4 + 2*dy + dx (any number of
+  leading axes)."""
   h, w, c = _static_event(x)
   _check_even(h, w)
-  flat, batch = _fold(x)
-  t = tf.reshape(flat, [-1, h // 2, 2, w // 2, 2, c])
-  t = tf.transpose(t, [0, 1, 3, 5, 2, 4])            # [N, H/2, W/2, C, dy, dx]
-  return _unfold(tf.reshape(t, [-1, h // 2, w // 2, 4 * c]), batch)
+  return batching.apply_batched(_squeeze_batch, x)
 
 
 def unsqueeze(y):
@@ -30,18 +29,31 @@ def unsqueeze(y):
   if c4 % 4:
     raise ValueError(f'unsqueeze needs a channel count divisible by 4, got {c4} '
                      f'(event shape {(h, w, c4)}).')
+  return batching.apply_batched(_unsqueeze_batch, y)
+
+
+def _squeeze_batch(x):
+  """squeeze of [N, H, W, C]."""
+  h, w, c = x.shape[-3:]
+  t = tf.reshape(x, [-1, h // 2, 2, w // 2, 2, c])
+  t = tf.transpose(t, [0, 1, 3, 5, 2, 4])            # [N, H/2, W/2, C, dy, dx]
+  return tf.reshape(t, [-1, h // 2, w // 2, 4 * c])
+
+
+def _unsqueeze_batch(y):
+  """unsqueeze of [N, H, W, 4C]."""
+  h, w, c4 = y.shape[-3:]
   c = c4 // 4
-  flat, batch = _fold(y)
-  t = tf.reshape(flat, [-1, h, w, c, 2, 2])
+  t = tf.reshape(y, [-1, h, w, c, 2, 2])
   t = tf.transpose(t, [0, 1, 4, 2, 5, 3])            # [N, H, dy, W, dx, C]
-  return _unfold(tf.reshape(t, [-1, 2 * h, 2 * w, c]), batch)
+  return tf.reshape(t, [-1, 2 * h, 2 * w, c])
 
 
 class Squeeze(base.FlowBijector):
   """Bijector form of ``squeeze`` (forward) / ``unsqueeze`` (inverse); log-det 0."""
 
   def __init__(self, name='squeeze'):
-    super().__init__(name=name)
+    super().__init__(name=name, is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     return squeeze(x), tf.zeros([], x.dtype)
@@ -81,20 +93,6 @@ def _check_even(h, w):
   if h % 2 or w % 2:
     raise ValueError(f'squeeze needs even height and width, got H={h}, W={w}; '
                      'pad or crop the image first.')
-
-
-def _fold(x):
-  """Folds any batch dimensions into one: [..., H, W, C] -> [N, H, W, C]."""
-  if x.shape.rank == 4:
-    return x, None
-  return tf.reshape(x, [-1] + x.shape[-3:].as_list()), tf.shape(x)[:-3]
-
-
-def _unfold(y, batch):
-  """Restores the batch dimensions folded by ``_fold``."""
-  if batch is None:
-    return y
-  return tf.reshape(y, tf.concat([batch, tf.constant(y.shape[1:].as_list(), batch.dtype)], 0))
 
 
 def _div(n, k):

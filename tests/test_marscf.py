@@ -126,11 +126,11 @@ def test_decode_inverts_encode(trained):
 def test_implicit_inverse_gradient(float64):
   """The MixLogCDF inverse used by mAR-SCF is differentiable: d inverse / dy is the inverse
   of d forward / dx (implicit function theorem), through both y2 and the conditioner on y1."""
-  out = marscf.ImplicitGradMixLogCDFCoupling.conditioner_channels(4, 3)
+  out = mixlogcdf.MixLogCDFCoupling.conditioner_channels(4, 3)
   net = keras.layers.Conv2D(out, 3, padding='same',
                             kernel_initializer=keras.initializers.RandomNormal(stddev=0.2),
                             bias_initializer=keras.initializers.RandomNormal(stddev=0.5))
-  coupling = marscf.ImplicitGradMixLogCDFCoupling(net, 4, num_components=3)
+  coupling = mixlogcdf.MixLogCDFCoupling(net, 4, num_components=3)
   x = tf.random.normal([1, 2, 2, 4], dtype=tf.float64)
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)

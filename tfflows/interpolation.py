@@ -36,7 +36,7 @@ decode to x_A and x_B exactly. Dividing by D makes the weights independent of th
 The points decouple, so all interior points of all pairs are optimised as one batch.
 
 Differentiating through level inverses needs inverses with gradients; mAR-SCF's MixLogCDF
-couplings provide them (``tfflows.models.marscf.ImplicitGradMixLogCDFCoupling``), affine
+couplings provide them (``bijectors.mixlogcdf``: implicit-function gradients), affine
 couplings have them by construction.
 """
 

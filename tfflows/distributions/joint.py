@@ -6,7 +6,10 @@ With latents ordered top-down, [z_L, ..., z_1], the prior factorises as
 
 where r_i, the half that went on at split i, is a function of the latents above it: the inverse
 of the levels above. ``joint_prior`` writes this as a ``tfd.JointDistributionCoroutine`` that
-inverts each level once per evaluation. The training path does not use it: the forward pass
+inverts each level once per evaluation; latents may have any number of leading axes (none, for
+one event), which the level inverses and the priors fold into one batch axis
+(``bijectors.batching``). Its ``trainable_variables`` are those of the prior layers and of the
+flow (the factors depend on both). The training path does not use it: the forward pass
 already has every r_i (``MultiScaleFlow.encode`` returns them), so ``prior_log_prob`` evaluates
 the same factors on those contexts; tests check that the two agree.
 """
@@ -14,7 +17,7 @@ the same factors on those contexts; tests check that the two agree.
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfflows.distributions import batching
+from bijectors import base
 
 tfd = tfp.distributions
 Root = tfd.JointDistributionCoroutine.Root
@@ -31,11 +34,12 @@ def joint_prior(flow, priors, temperature=1.0, name='latent_prior'):
     z = yield Root(priors[0].distribution(None, temperature))
     h = z
     for k in range(1, num):
-      r = batching.apply_batched(lambda t, i=num - k: flow.decode_level(i, t)[0], h)
+      r, _ = flow.decode_level(num - k, h)
       z = yield priors[k].distribution(r, temperature)
       h = tf.concat([r, z], axis=-1)
 
-  return tfd.JointDistributionCoroutine(model, name=name)
+  distribution = tfd.JointDistributionCoroutine(model, batch_ndims=0, name=name)
+  return base.attach_layer_variables(distribution, list(priors) + flow.layers)
 
 
 def prior_log_prob(priors, latents, contexts):

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from bijectors import batching
 from tfflows.nn.conv_lstm import ConvLSTMStack
 
 tfd = tfp.distributions
@@ -261,5 +262,5 @@ class MARDistribution(tfd.Distribution):
 
 
 def _fold(t):
-  """[..., H, W, C] -> [N, H, W, C] with static H, W, C."""
-  return tf.reshape(t, [-1] + t.shape[-EVENT_NDIMS:].as_list())
+  """[..., H, W, C] -> [N, H, W, C] (``bijectors.batching``, shared with every bijector)."""
+  return batching.fold(t)[0]

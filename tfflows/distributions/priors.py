@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfflows.distributions import batching
+from bijectors import batching
 from tfflows.nn.zero_conv import ZeroConv2D
 
 tfd = tfp.distributions

@@ -32,6 +32,7 @@ import tensorflow_probability as tfp
 from absl import logging
 
 from bijectors import actnorm
+from bijectors.base import attach_layer_variables
 from tfflows import random
 from tfflows.distributions import joint
 from tfflows.models import replica_step
@@ -71,6 +72,9 @@ class FlowModel(keras.Model):
     self.replica_jit_compile = False
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
+    # The flow's float type: the variable dtype of the Keras policy the model is built under
+    # (float32 by default, float64 under a float64 policy; mixed policies keep float32 flows).
+    self.flow_dtype = tf.as_dtype(self.dtype_policy.variable_dtype)
     self._build_weights()
 
   # -- construction ---------------------------------------------------------------------------
@@ -78,7 +82,7 @@ class FlowModel(keras.Model):
     """Creates every weight by one generative pass (ActNorm stays uninitialised, the identity,
     until ``initialize``) and one dequantizer pass."""
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
-    self.dequantizer(tf.zeros((1,) + self.image_shape), midpoint=True)
+    self.dequantizer(tf.zeros((1,) + self.image_shape, self.flow_dtype), midpoint=True)
     self.built = True
 
   # -- data-dependent initialisation ----------------------------------------------------------
@@ -122,7 +126,8 @@ class FlowModel(keras.Model):
 
   # -- input checks ---------------------------------------------------------------------------
   def check_images(self, images):
-    """Converts uint8 images [B, H, W, C] to float32, or raises ValueError naming the problem."""
+    """Converts uint8 images [B, H, W, C] to ``flow_dtype``, or raises ValueError naming the
+    problem."""
     if not isinstance(images, tf.Tensor) or tf.executing_eagerly():
       images = _as_checked_array(images, self.image_shape)
     images = tf.convert_to_tensor(images)
@@ -131,7 +136,7 @@ class FlowModel(keras.Model):
     if images.shape.rank != 4 or tuple(images.shape[1:]) != self.image_shape:
       raise ValueError(f'Expected images of shape [batch, {", ".join(map(str, self.image_shape))}]'
                        f', got {images.shape}.')
-    return tf.cast(images, tf.float32)
+    return tf.cast(images, self.flow_dtype)
 
   # -- the likelihood -------------------------------------------------------------------------
   def call(self, images, training=None, seed=None):
@@ -156,9 +161,10 @@ class FlowModel(keras.Model):
     seeds = seeds or [self.seed_generator] * len(self.flow.noise_shapes)
     for shape, seed in zip(self.flow.noise_shapes, seeds):
       full = tf.concat([[batch], shape], axis=0)
-      e = tf.zeros(full) if zero else random.normal(full, seed)
+      e = tf.zeros(full, self.flow_dtype) if zero else random.normal(full, seed, self.flow_dtype)
       noise.append(e)
-      log_p = log_p + tf.reduce_sum(tfd.Normal(0., 1.).log_prob(e), axis=[1, 2, 3])
+      log_p = log_p + tf.reduce_sum(tfd.Normal(tf.zeros([], e.dtype), 1.).log_prob(e),
+                                    axis=[1, 2, 3])
     return noise, log_p
 
   def log_prob(self, images, num_samples=1, seed=None):
@@ -188,7 +194,7 @@ class FlowModel(keras.Model):
       # One trace with an unknown batch size (tfflows.export serves the same graph): with a
       # static batch, Grappler's arithmetic optimizer regroups the sums of log-terms into AddN,
       # which changes the result by an ulp, so the served log_prob would differ from this one.
-      images_spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
+      images_spec = tf.TensorSpec((None,) + self.image_shape, self.flow_dtype)
       if seeded:
         fn = tf.function(lambda x, seed: self.estimate_log_prob(x, num_samples, seed),
                          input_signature=[images_spec, tf.TensorSpec([2], tf.int32)])
@@ -221,8 +227,8 @@ class FlowModel(keras.Model):
     if seed is not None:
       tiled_seeds = tf.tile(seed, [chunk, 1])
       sample_in_chunk = tf.repeat(tf.range(chunk), batch)
-    running_max = tf.fill([batch], -np.inf)
-    running_sum = tf.zeros([batch])
+    running_max = tf.fill([batch], tf.constant(-np.inf, images.dtype))
+    running_sum = tf.zeros([batch], images.dtype)
     for i in tf.range(num_chunks):
       valid = tf.minimum(chunk, num_samples - i * chunk)
       chunk_seed = None if seed is None else random.fold_in(tiled_seeds,
@@ -233,7 +239,7 @@ class FlowModel(keras.Model):
       running_sum = (running_sum * tf.exp(running_max - new_max)
                      + tf.reduce_sum(tf.exp(log_w - new_max), axis=0))
       running_max = new_max
-    return running_max + tf.math.log(running_sum) - tf.math.log(tf.cast(num_samples, tf.float32))
+    return running_max + tf.math.log(running_sum) - tf.math.log(tf.cast(num_samples, images.dtype))
 
   # -- generation and latents -----------------------------------------------------------------
   def sample(self, n, temperature=1.0, seed=None):
@@ -262,21 +268,39 @@ class FlowModel(keras.Model):
     return latents
 
   def decode(self, latents):
-    """uint8 images from latents (top-down list); augmentation noise is dropped. Raises
-    NonFiniteError if the decoded values hold NaN or Inf."""
-    x, _ = self.flow.decode(latents)
+    """uint8 images [B, H, W, C] from latents: the list ``encode`` returns, top-down, each
+    [B, h, w, c] (``flow.latent_shapes``); augmentation noise is dropped. Raises ValueError
+    naming the expected count, order and shapes for anything else, and NonFiniteError if the
+    decoded values hold NaN or Inf."""
+    latents = self.flow.check_latents(latents)
+    for k, z in enumerate(latents):
+      if z.shape.rank != 4:
+        raise ValueError(f'decode: latent {k} (top-down) has shape {z.shape.as_list()}; '
+                         f'expected a batch [B, {", ".join(map(str, self.flow.latent_shapes[k]))}]'
+                         f' of the {self.flow.describe_latents()}.')
+    x, _ = self.flow.decode([tf.cast(z, self.flow_dtype) for z in latents])
     return to_images(check_finite(x, 'model.decode'))
 
   @property
   def distribution(self):
     """tfd.TransformedDistribution over dequantized images x + u in [0, 256)^D (for augmented
     flows, over the structure [x + u, e_1, ..., e_m]); its base is the joint prior over the
-    latent structure, so its log_prob is exact."""
+    latent structure, so its log_prob is exact.
+
+    TFP's contract holds: any sample shape (``sample()`` gives one [H, W, C] image), any number
+    of leading axes in ``log_prob`` (one image gives a scalar), batch shape [], and
+    ``trainable_variables`` are the model's weights minus the dequantizer's, so a tape over
+    ``log_prob`` and an optimizer over ``trainable_variables`` train the model."""
     return self.make_distribution()
 
   def make_distribution(self, temperature=1.0):
+    """``distribution`` with the prior at the given temperature."""
     prior = joint.joint_prior(self.flow, self.priors, temperature)
-    return tfd.TransformedDistribution(prior, tfb.Invert(self.flow), name='flow_distribution')
+    distribution = tfd.TransformedDistribution(prior, tfb.Invert(self.flow),
+                                               name='flow_distribution')
+    # TFP's variable walk expands composite distributions (the joint prior) into their tensor
+    # parts instead of visiting their attributes, so the priors' weights are attached here too.
+    return attach_layer_variables(distribution, list(self.priors) + self.flow.layers)
 
   # -- Keras training -------------------------------------------------------------------------
   def compile(self, optimizer, **kwargs):
@@ -307,7 +331,7 @@ class FlowModel(keras.Model):
     replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
     on the reduced gradients: the single-device step on the global batch (see there for what
     stays per replica)."""
-    images = tf.cast(_images_of(data), tf.float32)
+    images = tf.cast(_images_of(data), self.flow_dtype)
     bpd, loss, grads = replica_step.loss_and_gradients(self, images)
     bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
@@ -344,7 +368,7 @@ class FlowModel(keras.Model):
     return self.scale_l2 * tf.add_n([tf.reduce_sum(tf.square(g)) for g in scales]) if scales else 0.
 
   def test_step(self, data):
-    images = tf.cast(_images_of(data), tf.float32)
+    images = tf.cast(_images_of(data), self.flow_dtype)
     with random.replica_rows(*replica_step.replica_position()):  # distinct noise per replica
       bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
     self.bpd_tracker.update_state(bpd)

@@ -30,8 +30,6 @@ Paper sizes: affine K = 32, width 512; MixLogCDF K = 4, width 96, 32 components,
 3-layer ConvLSTM of hidden size 32.
 """
 
-import tensorflow as tf
-
 import bijectors as fb
 from bijectors import mixlogcdf
 from bijectors import multiscale
@@ -44,39 +42,17 @@ from tfflows.nn.flowpp_net import GatedResidualAttentionNet
 EMBED_CHANNELS = 4
 
 
-class ImplicitGradMixLogCDFCoupling(mixlogcdf.MixLogCDFCoupling):
-  """MixLogCDF coupling whose inverse is differentiable with respect to its input.
-
-  The parent finds x2 with logit F(x2; theta) = u by a root search under ``stop_gradient``, so
-  gradients do not flow through the inverse. mAR interpolation differentiates the prior density
-  of latents through the level inverses (the contexts r_i are inverses of the latents above), so
-  this subclass attaches the implicit-function gradient to the root without changing its value:
-
-      x2 = x* - (g - stop_gradient(g)) / stop_gradient(dg/dx),   g = logit F(x*; theta) - u,
-
-  which has the value x* and the derivatives dx2/du = 1 / g'(x*) and dx2/dtheta =
-  -(dg/dtheta) / g'(x*) of the implicit function theorem, with g' = f / (F (1 - F)) > 0.
-  """
-
-  def _solve_logit_cdf(self, u, log_pi, mu, log_s):
-    root = tf.stop_gradient(super()._solve_logit_cdf(u, log_pi, mu, log_s))
-    log_cdf, log_sf, log_pdf = mixlogcdf.mixture_log_cdf_sf_pdf(root, log_pi, mu, log_s)
-    g = log_cdf - log_sf - u
-    slope = tf.stop_gradient(tf.exp(log_pdf - log_cdf - log_sf))
-    return root - (g - tf.stop_gradient(g)) / slope
-
-
 def mixlogcdf_step(channels, config, name='step'):
   """ActNorm -> LU 1x1 conv -> MixLogCDF coupling with a gated attention conditioner."""
-  out = ImplicitGradMixLogCDFCoupling.conditioner_channels(channels, config.num_components)
+  out = mixlogcdf.MixLogCDFCoupling.conditioner_channels(channels, config.num_components)
   net = GatedResidualAttentionNet(out, width=config.width, num_blocks=config.coupling_blocks,
                                   num_heads=config.attention_heads, dropout=config.dropout,
                                   name=f'{name}_net')
   return [fb.ActNorm(channels, name=f'{name}_actnorm'),
           fb.InvertibleConv1x1(channels, parameterization=config.conv1x1,
                                name=f'{name}_conv1x1'),
-          ImplicitGradMixLogCDFCoupling(net, channels, num_components=config.num_components,
-                            name=f'{name}_coupling')]
+          mixlogcdf.MixLogCDFCoupling(net, channels, num_components=config.num_components,
+                                      name=f'{name}_coupling')]
 
 
 def step_fn(config):
