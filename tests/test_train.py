@@ -7,6 +7,7 @@ starts) run in subprocesses.
 
 import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import tfflows
 from tfflows.models import denseflow
 from train import callbacks
 from train import checkpoints
+from train import flags as train_flags
 from train import main as train_main
 from train import modes
 from train import run as run_module
@@ -138,14 +140,85 @@ def test_cli_stops_with_a_message_naming_the_problem(tmp_path):
   assert result.returncode != 0
   assert 'steps_per_levle' in result.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+  # No start-up noise from TensorFlow (train/quiet.py): absl's pre-initialisation notice, its
+  # info lines, and on a machine without a CUDA driver the cuInit failure.
+  for noise in ('absl::InitializeLog', 'cudart_stub', 'port.cc', 'failed call to cuInit'):
+    assert noise not in result.stderr, result.stderr[:2000]
 
 
-def test_missing_data_says_where_to_put_it(tmp_path):
+def test_quiet_filter_drops_only_the_noise():
+  from train import quiet  # pylint: disable=import-outside-toplevel
+  lines = {
+      b'WARNING: All log messages before absl::InitializeLog() is called are written to '
+      b'STDERR\n': False,
+      b'I0000 00:00:1796085515.361866    5498 port.cc:153] oneDNN custom operations are on.\n':
+          False,
+      b'I0000 00:00:1796085515.362162    5498 cudart_stub.cc:31] Could not find cuda drivers '
+      b'on your machine, GPU will not be used.\n': False,
+      b'E0000 00:00:1796085542.993309    5987 cuda_platform.cc:52] failed call to cuInit: '
+      b'INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n': False,
+      b'E0000 00:00:1796085542.993309    5987 other.cc:52] a real error\n': True,
+      b'W1201 00:40:04.473713 140352233753472 file.py:394] a warning\n': True,
+      b'Illegal instruction (core dumped)\n': True,
+      b'To enable the following instructions: AVX2 FMA\n': True,
+  }
+  keep = quiet.make_line_filter(level=2, cuda_driver=False)
+  assert {line: keep(line) for line in lines} == lines
+  with_driver = quiet.make_line_filter(level=2, cuda_driver=True)
+  assert with_driver(b'E0000 00:00:1.2 5 cuda_platform.cc:52] failed call to cuInit: 303\n')
+  everything = quiet.make_line_filter(level=0, cuda_driver=False)
+  assert everything(b'I0000 00:00:1.2 5 port.cc:153] oneDNN custom operations are on.\n')
+
+
+def test_help_lists_the_program_flags_by_group_and_exits_0(capsys):
+  for args, full in ((['--help'], False), (['-h'], False), (['--helpshort'], False),
+                     (['--flagfile=x', '--helpfull'], True)):
+    with pytest.raises(SystemExit) as stopped:
+      train_main.parse_flags(['train.main', *args])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    titles = [text.index(f'\n{title}:\n') for title, _ in train_flags.GROUPS]
+    assert titles == sorted(titles)  # Run, Data, Model, Training, Evaluation, Export
+    for title, names in train_flags.GROUPS:
+      section = text[text.index(f'\n{title}:\n'):]
+      for name in names:
+        assert re.search(rf'^  --(\[no\])?{name}[= ]', section, re.M), (title, name)
+    assert ('--test_srcdir' in text) == full and ('--verbosity' in text) == full
+    if full:  # the program's flags first, then the libraries'
+      assert text.index('--batch_size') < text.index('Flags of the libraries') < text.index(
+          '--verbosity')
+  # Every program flag is in exactly one group; --mode's help names every mode.
+  grouped = [name for _, names in train_flags.GROUPS for name in names]
+  assert sorted(grouped) == sorted(f.name for f in train_flags.program_flags())
+  for mode in modes.MODES:
+    assert mode in FLAGS['mode'].help
+
+
+def test_result_files_are_keyed_by_checkpoint_and_settings():
+  def path(*args, **kwargs):
+    return modes.result_path('W', *args, **kwargs)
+  assert path('eval', 1120, k=100) == os.path.join('W', 'eval', 'ckpt-1120_k100.json')
+  assert path('eval', 1120, k=8, num_images=32, seed=3) == os.path.join(
+      'W', 'eval', 'ckpt-1120_k8_n32_seed3.json')
+  assert path('samples', 1120, temperature=0.8) == os.path.join('W', 'samples',
+                                                                 'step1120_t0.8.png')
+  assert path('samples', 1120, temperature=1.0, seed=2) == os.path.join(
+      'W', 'samples', 'step1120_t1_seed2.png')
+  with pytest.raises(ValueError, match='unknown result kind'):
+    path('histogram', 1)
+
+
+def test_missing_data_says_where_to_put_it(tmp_path, capsys):
   empty = tmp_path / 'data'
   empty.mkdir()
-  with pytest.raises(SystemExit, match=r'dataset=cifar10: data not found.*tfds build cifar10'):
+  with pytest.raises(SystemExit, match=r'dataset=cifar10: data not found.*--data_dir.*'
+                                       r'tfds build cifar10') as stopped:
     _main(f'--workdir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={empty}')
   assert not _steps(tmp_path / 'run')
+  assert 'TFDS said' not in str(stopped.value)  # no folder at all: nothing more to say
+  logged = capsys.readouterr().err
+  assert 'data not found' not in logged  # printed once, by the exit
+  assert 'dataset_info.json' not in logged  # no TFDS warning about the absent folder
 
 
 # ------------------------------------------------------------------------------- schedule
@@ -241,6 +314,24 @@ def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path)
   assert _steps(workdir)[-1] == 8
 
 
+def test_flags_txt_is_a_flagfile_that_reproduces_the_run(trained):
+  path = os.path.join(trained, 'flags.txt')
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f.read().splitlines() if not line.startswith('#')]
+  names = {line.split('=')[0] for line in lines}
+  for library_flag in ('--nohelp', '--test_srcdir', '--verbosity', '--flagfile', '--logtostderr'):
+    assert library_flag not in names
+  assert len(lines) == len(train_flags.program_flags()) - 1  # --data_dir (None) is left out
+  original = {f.name: f.value for f in train_flags.program_flags(_parse(f'--workdir={trained}',
+                                                                        '--epochs=1'))}
+  FLAGS.unparse_flags()
+  FLAGS(['train.main', f'--flagfile={path}'])
+  assert {f.name: f.value for f in train_flags.program_flags()} == original
+  with open(os.path.join(trained, 'config.json'), encoding='utf-8') as f:
+    stored = tfflows.FlowConfig.from_dict(json.load(f))
+  assert Run.from_flags(FLAGS, modes.MODES).config == stored
+
+
 def test_fine_tune_starts_from_other_weights_with_a_fresh_optimizer(trained, tmp_path):
   workdir = str(tmp_path / 'finetune')
   _main(f'--workdir={workdir}', '--epochs=1', '--steps_per_epoch=1', f'--init_from={trained}',
@@ -313,7 +404,9 @@ def after_modes(trained):
 
 
 def test_eval_writes_bound_and_importance_weighted_bits_per_dim(after_modes):
-  with open(os.path.join(after_modes, 'eval.json'), encoding='utf-8') as f:
+  path = modes.result_path(after_modes, 'eval', 4, k=4, num_images=32)
+  assert path == os.path.join(after_modes, 'eval', 'ckpt-4_k4_n32.json')
+  with open(path, encoding='utf-8') as f:
     result = json.load(f)
   assert result['num_images'] == 32 and result['num_importance_samples'] == 4
   assert result['step'] == 4 and result['dataset'] == 'mnist_embedded'
@@ -327,8 +420,13 @@ def test_eval_writes_bound_and_importance_weighted_bits_per_dim(after_modes):
 
 
 def test_sample_and_interpolate_write_valid_png_grids(after_modes):
-  names = ['temperature1_seed0.png', 'temperature0.8_seed0.png', 'interpolation_linear.png',
-           'memorization.png']
+  names = ['step4_t1.png', 'step4_t0.8.png', 'step4_interpolation_linear.png',
+           'step4_memorization_t1.png']
+  assert [modes.result_path('', 'samples', 4, temperature=1.0),
+          modes.result_path('', 'samples', 4, temperature=0.8),
+          modes.result_path('', 'interpolation', 4, name='linear'),
+          modes.result_path('', 'memorization', 4, temperature=1.)] == [
+              os.path.join('samples', n) for n in names]
   sizes = {}
   for name in names:
     with Image.open(os.path.join(after_modes, 'samples', name)) as image:
@@ -336,10 +434,11 @@ def test_sample_and_interpolate_write_valid_png_grids(after_modes):
     with Image.open(os.path.join(after_modes, 'samples', name)) as image:
       sizes[name] = image.size
   # 4 samples: a 2 x 2 grid of 32 px images; interpolation: 4 steps a row, 2 rows.
-  assert min(sizes['temperature1_seed0.png']) >= 64
-  width, height = sizes['interpolation_linear.png']
+  assert min(sizes['step4_t1.png']) >= 64
+  width, height = sizes['step4_interpolation_linear.png']
   assert width > 4 * 32 and 2 * 32 < height < 3 * 32
-  with open(os.path.join(after_modes, 'memorization.json'), encoding='utf-8') as f:
+  with open(os.path.join(after_modes, 'samples', 'step4_memorization_t1.json'),
+            encoding='utf-8') as f:
     assert len(json.load(f)['nearest_l2']) == 2
 
 
@@ -368,6 +467,9 @@ def test_deterministic_runs_write_identical_checkpoints(tmp_path):
     result = _cli(f'--workdir={tmp_path / name}', '--deterministic', '--nojit_compile',
                   '--epochs=1', '--steps_per_epoch=3', '--eval_batches=1', '--mode=train')
     assert result.returncode == 0, result.stderr[-2000:]
+    # Not a terminal: no progress-bar redraws, one line for the epoch.
+    assert '\r' not in result.stdout + result.stderr and '\x08' not in result.stderr
+    assert result.stderr.count('epoch 1, step 3: train') == 1
     readers.append(tf.train.load_checkpoint(str(tmp_path / name / 'checkpoints' / 'ckpt-3')))
   keys = [k for k in readers[0].get_variable_to_shape_map() if 'OBJECT_GRAPH' not in k]
   assert len(keys) > 50
@@ -442,6 +544,136 @@ def test_every_flagfile_parses_into_a_valid_model_config(name):
     FLAGS.unparse_flags()
   if config.model == 'denseflow':
     assert denseflow.parameter_count(config)['total'] > 0   # validates the block structure
+
+
+# ------------------------------------------------------------------- progress and BN refresh
+class _Clock:
+  def __init__(self):
+    self.now = 100.
+
+  def __call__(self):
+    return self.now
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_redraws_on_a_terminal_and_logs_sparsely_elsewhere(monkeypatch):
+  from train import progress  # pylint: disable=import-outside-toplevel
+  clock = _Clock()
+  terminal = _Terminal()
+  bar = progress.Progress('eval', 500, 'images', stream=terminal, clock=clock)
+  clock.now += 30.  # the first batch: tracing
+  bar.update(100)
+  for _ in range(4):
+    clock.now += 10.
+    bar.update(100, bound=1.91234)
+    if bar.done == 300:
+      assert 'ETA 20s' in bar.line() and '10 images/s' in bar.line()  # first batch left out
+  bar.close()
+  drawn = terminal.getvalue()
+  assert drawn.count('\r') == 6 and drawn.endswith('\n') and '500/500 images' in drawn
+  assert '[########################]' in drawn and 'bound 1.912' in drawn and 'in 1:10' in drawn
+
+  log = io.StringIO()  # not a terminal: one line a minute at most, and one at the end
+  lines = []
+  monkeypatch.setattr(progress.logging, 'info', lambda fmt, *args: lines.append(fmt % args))
+  plain = progress.Progress('samples', 1000, 'images', stream=log, log_seconds=60., clock=clock)
+  for _ in range(100):
+    clock.now += 2.
+    plain.update(10)
+  plain.close()
+  assert log.getvalue() == '' and plain.lines_logged == 4  # at 60, 120, 180 s and the end
+  assert len(lines) == 4 and lines[-1].startswith('samples  1000/1000 images  5 images/s')
+  assert '\r' not in ''.join(lines)
+  silent = progress.Progress('export', 3, 'stages', show=False, stream=terminal, clock=clock)
+  silent.update(3)
+  silent.close()
+  assert terminal.getvalue() == drawn
+  assert progress.format_seconds(3725) == '1:02:05'
+
+
+@pytest.fixture(scope='module')
+def tiny_denseflow():
+  """A tiny DenseFlow (batch norm in every coupling network), ActNorm initialised, output convs
+  perturbed; its running statistics are still the initial ones (0 and 1), far from any
+  batch's."""
+  config = tfflows.FlowConfig(model='denseflow', image_shape=(8, 8, 1), block_conf=(2, 1),
+                              layers_conf=(1, 1), layer_mid_channels=(8, 8), growth_rate=2,
+                              dense_layers=1, dense_growth=4, split_prior='standard',
+                              dequantization='uniform')
+  model = tfflows.build_model(config)
+  images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.uint8)
+  model(tf.cast(images[:8], tf.float32), training=True, seed=tf.constant([5, 5]))
+  rng = np.random.default_rng(1)
+  outputs = [v for v in model.trainable_variables if 'conv_out' in v.path]
+  assert outputs
+  for v in outputs:  # zero-initialised: without this the couplings ignore their networks
+    v.assign(0.05 * rng.standard_normal(v.shape).astype(np.float32))
+  return model, [images[:8], images[8:]]
+
+
+def test_batch_norm_refresh_sets_the_batch_statistics_and_nothing_else(tiny_denseflow):
+  model, (first, second) = tiny_denseflow
+  layers = callbacks.batch_norm_layers(model)
+  assert len(layers) == 3 and all(layer.momentum == 0.9 for layer in layers)
+  seed = tf.constant([0, 0])
+  x = tf.cast(first, tf.float32)
+  weights = [np.array(v) for v in model.trainable_variables]
+  seed_state = np.array(model.seed_generator.state)
+  assert not np.allclose(model(x, training=False, seed=seed), model(x, training=True, seed=seed))
+
+  def stats():
+    return [np.array(layers[-1].moving_mean), np.array(layers[-1].moving_variance)]
+  assert callbacks.refresh_batch_norm(model, [first]) == 1
+  # Inference now normalises with exactly the statistics of that batch: the same numbers.
+  np.testing.assert_allclose(model(x, training=False, seed=seed),
+                             model(x, training=True, seed=seed), rtol=1e-5)
+  one = stats()
+  callbacks.refresh_batch_norm(model, [second], seed=1)  # batch 1 of the next refresh
+  two = stats()
+  assert callbacks.refresh_batch_norm(model, [first, second]) == 2
+  average = [(a + b) / 2 for a, b in zip(one, two)]
+  for got, want in zip(stats(), average):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # their average
+  assert not np.allclose(one[1], two[1])
+  # Trainable weights, the model's random state and the layers' momenta are untouched.
+  for before, after in zip(weights, model.trainable_variables):
+    np.testing.assert_array_equal(before, np.array(after))
+  np.testing.assert_array_equal(seed_state, np.array(model.seed_generator.state))
+  assert all(layer.momentum == 0.9 for layer in layers)
+  # No batches change nothing; a model without batch norm is left alone.
+  assert callbacks.refresh_batch_norm(model, []) == 0
+  for got, want in zip(stats(), average):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  glow = tfflows.build_model(tfflows.FlowConfig(model='glow', image_shape=(8, 8, 1),
+                                                num_levels=2, steps_per_level=1, width=4))
+  assert callbacks.refresh_batch_norm(glow, [first]) == 0
+
+
+def test_batch_norm_refresh_runs_before_each_test_evaluation(tiny_denseflow):
+  """Keras calls on_test_begin before fit's per-epoch validation; the callback refreshes there
+  with a traced forward pass (one trace, reused), or not at all with 0 batches."""
+  model, (first, second) = tiny_denseflow
+  refresh = callbacks.BatchNormRefresh(tf.data.Dataset.from_tensor_slices(second).batch(8),
+                                       num_batches=1, seed=3)
+  refresh.set_model(model)
+  refresh.on_test_begin()
+  eager = tfflows.build_model(model.config)
+  eager.set_weights(model.get_weights())
+  assert callbacks.refresh_batch_norm(eager, [second], seed=3) == 1
+  for a, b in zip(callbacks.batch_norm_layers(model), callbacks.batch_norm_layers(eager)):
+    np.testing.assert_allclose(np.array(a.moving_variance), np.array(b.moving_variance),
+                               rtol=1e-5)
+  refresh.on_test_begin()
+  assert refresh.refreshes == 2
+  assert refresh._forward.experimental_get_tracing_count() == 1  # pylint: disable=protected-access
+  off = callbacks.BatchNormRefresh(tf.data.Dataset.from_tensor_slices(first).batch(8), 0)
+  off.set_model(model)
+  off.on_test_begin()
+  assert off.refreshes == 0 and off._forward is None  # pylint: disable=protected-access
 
 
 # ---------------------------------------- issue 13: nothing lost, nothing silent, one line

@@ -5,7 +5,7 @@
     loaded.signatures['serving_default'](images=uint8_batch)   # {'log_prob', 'bits_per_dim'}
     loaded.signatures['sample'](num_samples=..., temperature=..., seed=...)  # {'images'}
 
-Signatures (the public contract of DESIGN.md):
+Signatures (a public contract; README, section "Serving"):
 
 ``serving_default``  images uint8 [None, H, W, C] -> log_prob float32 [None] (nats),
                      bits_per_dim float32 [None].

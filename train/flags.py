@@ -12,6 +12,8 @@ override the file's values (absl reads flags left to right, the last value wins)
 import dataclasses
 import inspect
 import io
+import os
+import textwrap
 import tokenize
 
 from absl import flags
@@ -26,13 +28,21 @@ flags.DEFINE_string(
     'mode', 'train',
     'What to run: one mode or a comma list run in order in one invocation, e.g. '
     '"train,eval,sample,export" (the quick start). Modes: train, eval, sample, interpolate, '
-    'export, memorization (and any mode registered in train/modes.py MODES).')
+    'export, memorization, lcma_analyze (LCMA phase 2; see README).')
 flags.DEFINE_string(
     'workdir', None,
-    'Directory of the run: checkpoints/, best/, tensorboard/, samples/, export/, eval.json, '
-    'config.json. Rerunning the same command resumes from it.')
-flags.DEFINE_integer('verbose', 1, 'Keras fit verbosity: 1 progress bar, 2 one line an epoch, '
-                     '0 silent.', lower_bound=0, upper_bound=2)
+    'Directory of the run: config.json, flags.txt, checkpoints/, best/, tensorboard/, eval/, '
+    'samples/, export/. Rerunning the same command resumes from it.')
+flags.DEFINE_string('checkpoint', 'latest', 'Checkpoint used by eval, sample, interpolate, '
+                    'export and memorization: latest, best, or a checkpoint prefix / directory.')
+flags.DEFINE_integer('verbose', 1, 'Progress display: 1 a progress bar on a terminal and a few '
+                     'plain lines elsewhere (log files stay small), 2 plain lines only, 0 none. '
+                     'Results and the per-epoch line are printed in every case.',
+                     lower_bound=0, upper_bound=2)
+flags.DEFINE_integer('seed', 0, 'Seed of weight initialisation, data order, augmentation and '
+                     'the noise of eval and samples.')
+flags.DEFINE_bool('deterministic', False, 'Deterministic data pipeline and TF ops '
+                  '(tf.config.experimental.enable_op_determinism); slower.')
 
 # ------------------------------------------------------------------------------------- data
 flags.DEFINE_enum('dataset', 'mnist_embedded', sorted(DATASETS),
@@ -42,16 +52,10 @@ flags.DEFINE_string('data_dir', None, 'TFDS data_dir, or the directory of the im
 flags.DEFINE_bool('flip', True, 'Random horizontal flips of training images.')
 flags.DEFINE_integer('translate_pixels', 0, 'Random translations of training images by up to '
                      'this many pixels each way (DenseFlow); 0: off.', lower_bound=0)
-flags.DEFINE_integer('seed', 0, 'Seed of weight initialisation, data order, augmentation and '
-                     'the noise of eval and samples.')
-flags.DEFINE_bool('deterministic', False, 'Deterministic data pipeline and TF ops '
-                  '(tf.config.experimental.enable_op_determinism); slower.')
 
 # --------------------------------------------------------------------------------- training
 flags.DEFINE_integer('batch_size', 64, 'Global training batch size (split across replicas).',
                      lower_bound=1)
-flags.DEFINE_integer('eval_batch_size', 0, 'Batch size of test bits/dim, eval and '
-                     'interpolation; 0: batch_size.', lower_bound=0)
 flags.DEFINE_integer('epochs', 1, 'Epochs to train (in total, counting resumed ones).',
                      lower_bound=0)
 flags.DEFINE_integer('steps_per_epoch', 0, 'Training steps an epoch; 0: training images // '
@@ -76,6 +80,11 @@ flags.DEFINE_enum('on_nonfinite', 'stop', ['stop', 'skip'],
 flags.DEFINE_integer('max_nonfinite_skips', 10, 'With --on_nonfinite=skip: stop training '
                      '(exit status 1) when this many steps in a row had a non-finite loss or '
                      'gradient.', lower_bound=1)
+flags.DEFINE_integer('bn_refresh_batches', 8, 'Before each per-epoch test evaluation, '
+                     'recompute the running statistics of every batch-norm layer on this many '
+                     'training batches with the current weights (trainable weights untouched); '
+                     '0: off, evaluate with the running averages. Models without batch norm '
+                     '(Glow, mAR-SCF) skip it.', lower_bound=0)
 flags.DEFINE_bool('jit_compile', True, 'XLA-compile the train and test steps; under '
                   '--strategy=mirrored or multiworker, each replica\'s forward and backward '
                   'pass (the all-reduce and the optimizer update run outside XLA).')
@@ -96,23 +105,21 @@ flags.DEFINE_string('init_from', '', 'Fine-tune: start from the model weights of
                     '(its latest checkpoint; DIR/best for its best) or checkpoint prefix, with a '
                     'fresh optimizer and schedule at --learning_rate. Used only when --workdir '
                     'has no checkpoint yet, so rerunning resumes the fine-tune.')
-
-# ------------------------------------------------------------------------------ checkpoints
 flags.DEFINE_integer('checkpoint_every_steps', 500, 'Save a checkpoint every this many steps '
                      '(and at every epoch end); 0: epoch ends only.', lower_bound=0)
 flags.DEFINE_integer('keep_checkpoints', 3, 'Keep the last this many periodic checkpoints '
                      '(the best by test bits/dim is kept apart).', lower_bound=1)
-flags.DEFINE_string('checkpoint', 'latest', 'Checkpoint used by eval, sample, interpolate, '
-                    'export and memorization: latest, best, or a checkpoint prefix / directory.')
 flags.DEFINE_integer('log_every_steps', 50, 'TensorBoard training scalars every this many '
                      'steps.', lower_bound=1)
 
 # ----------------------------------------------------------------- evaluation and sampling
-flags.DEFINE_integer('num_importance_samples', 16, 'k of the importance-weighted bits/dim '
-                     'estimate in --mode=eval (DenseFlow: 1000 on CIFAR-10, 200 elsewhere).',
-                     lower_bound=1)
+flags.DEFINE_integer('eval_batch_size', 0, 'Batch size of the per-epoch test bits/dim, eval '
+                     'and interpolation; 0: batch_size.', lower_bound=0)
 flags.DEFINE_integer('eval_batches', 0, 'Test batches for the per-epoch test bits/dim and '
                      '--mode=eval; 0: the whole test split.', lower_bound=0)
+flags.DEFINE_integer('num_importance_samples', 16, 'k of the importance-weighted bits/dim '
+                     'estimate in --mode=eval (DenseFlow: 1000 on CIFAR-10, 200 elsewhere); it '
+                     'costs k forward passes an image.', lower_bound=1)
 flags.DEFINE_integer('num_samples', 64, 'Images in each sample grid (TensorBoard and '
                      '--mode=sample).', lower_bound=1)
 flags.DEFINE_list('temperatures', ['1.0', '0.8'], 'Sampling temperatures: one grid each (the '
@@ -125,11 +132,6 @@ flags.DEFINE_integer('interpolation_steps', 8, 'Images per interpolation path, e
                      'included.', lower_bound=2)
 flags.DEFINE_integer('interpolation_pairs', 8, 'Pairs of test images to interpolate between.',
                      lower_bound=1)
-flags.DEFINE_string('export_dir', '', 'SavedModel base directory; the model goes to '
-                    'EXPORT_DIR/<checkpoint step> (TF Serving version directories). Default: '
-                    'WORKDIR/export.')
-flags.DEFINE_integer('export_importance_samples', 1, 'k of the served log_prob (1: the one-'
-                     'sample bound).', lower_bound=1)
 flags.DEFINE_integer('memorization_queries', 8, 'Samples whose nearest training images '
                      '--mode=memorization shows.', lower_bound=1)
 flags.DEFINE_integer('memorization_crop', 42, 'Side of the central crop compared by L2 '
@@ -137,6 +139,13 @@ flags.DEFINE_integer('memorization_crop', 42, 'Side of the central crop compared
                      lower_bound=1)
 flags.DEFINE_integer('memorization_neighbours', 5, 'Nearest training images shown per sample.',
                      lower_bound=1)
+
+# ----------------------------------------------------------------------------------- export
+flags.DEFINE_string('export_dir', '', 'SavedModel base directory; the model goes to '
+                    'EXPORT_DIR/<checkpoint step> (TF Serving version directories). Default: '
+                    'WORKDIR/export.')
+flags.DEFINE_integer('export_importance_samples', 1, 'k of the served log_prob (1: the one-'
+                     'sample bound).', lower_bound=1)
 
 # ------------------------------------------------------------------------------ model flags
 MODEL_HELP = {
@@ -205,7 +214,6 @@ def _define_model_flags():
     default = field.default
     text = (MODEL_HELP.get(field.name) or field.metadata.get('help')
             or comments.get(field.name) or f'FlowConfig.{field.name}.')
-    text = f'[model] {text}'
     if field.name == 'image_shape':
       flags.DEFINE_list(name, [], text)
     elif isinstance(default, bool):
@@ -253,3 +261,94 @@ def model_field_values(flag_values=FLAGS):
       value = tuple(int(v) for v in value or ())
     values[field.name] = value
   return values
+
+
+# ------------------------------------------------------------------------- groups and help
+GROUPS = (
+    ('Run', ('mode', 'workdir', 'checkpoint', 'verbose', 'seed', 'deterministic')),
+    ('Data', ('dataset', 'data_dir', 'flip', 'translate_pixels')),
+    ('Model (the fields of tfflows.FlowConfig)',
+     tuple(model_flag_name(f.name) for f in dataclasses.fields(FlowConfig))),
+    ('Training', ('batch_size', 'epochs', 'steps_per_epoch', 'learning_rate', 'warmup_steps',
+                  'lr_decay', 'optimizer', 'max_grad_norm', 'scale_l2', 'on_nonfinite',
+                  'max_nonfinite_skips', 'bn_refresh_batches', 'jit_compile', 'strategy',
+                  'num_cpu_devices', 'worker_timeout_seconds',
+                  'mixed_precision', 'init_from', 'checkpoint_every_steps', 'keep_checkpoints',
+                  'log_every_steps')),
+    ('Evaluation and sampling', ('eval_batch_size', 'eval_batches', 'num_importance_samples',
+                                 'num_samples', 'temperatures', 'interpolation',
+                                 'interpolation_steps', 'interpolation_pairs',
+                                 'memorization_queries', 'memorization_crop',
+                                 'memorization_neighbours')),
+    ('Export', ('export_dir', 'export_importance_samples')),
+)
+MODULE = __name__  # the module whose flags are the program's
+
+
+def program_flags(flag_values=FLAGS):
+  """The program's own flags (this module's), in definition order: no absl, TF or TFDS flag."""
+  return list(flag_values.get_flags_for_module(MODULE))
+
+
+def _flag_lines(flag, width=100):
+  """'  --name=DEFAULT' (or '  --[no]name  (default: true)') and the wrapped help under it."""
+  if isinstance(flag, flags.BooleanFlag):
+    head = f'  --[no]{flag.name}  (default: {"true" if flag.default else "false"})'
+  else:
+    default = flag.default_as_str.strip("'") if flag.default_as_str else ''
+    head = f'  --{flag.name}={default}'
+  body = textwrap.fill(flag.help, width=width, initial_indent=' ' * 6,
+                       subsequent_indent=' ' * 6)
+  return [head, body]
+
+
+def help_text(usage='', full=False, flag_values=FLAGS):
+  """--help: `usage`, then the program's flags by group. full: then every library flag."""
+  lines = [usage.strip(), ''] if usage else []
+  by_name = {flag.name: flag for flag in program_flags(flag_values)}
+  grouped = {name for _, names in GROUPS for name in names}
+  others = tuple(name for name in by_name if name not in grouped)  # a flag new to GROUPS
+  for title, names in GROUPS + ((('Other', others),) if others else ()):
+    lines.append(f'{title}:')
+    for name in names:
+      lines.extend(_flag_lines(by_name[name]))
+    lines.append('')
+  lines.append('  --flagfile=FILE  read flags from FILE, one --flag=value a line (# comments); '
+               'later flags override it.')
+  if full:
+    lines += ['', 'Flags of the libraries (absl, TensorFlow, TFDS):', '']
+    for module in sorted(flag_values.flags_by_module_dict()):
+      if module not in (MODULE, '__main__'):
+        lines.append(flag_values.module_help(module))
+  else:
+    lines.append('  --helpfull  also lists the flags of the libraries (absl, TensorFlow).')
+  return '\n'.join(lines) + '\n'
+
+
+HELP_ARGS = {'--help': False, '-help': False, '-h': False, '-?': False, '--helpshort': False,
+             '-helpshort': False, '--helpfull': True, '-helpfull': True}
+
+
+def help_request(argv):
+  """None, or whether the command line asks for the full help (--helpfull) or the short one
+  (--help, -h, -?, --helpshort)."""
+  asked = [HELP_ARGS[a] for a in argv[1:] if a in HELP_ARGS]
+  return any(asked) if asked else None
+
+
+PATH_FLAGS = ('workdir', 'data_dir', 'init_from', 'export_dir')  # written as absolute paths
+
+
+def flagfile_text(flag_values=FLAGS, header=''):
+  """The program's flags as a flagfile that reproduces the run from any directory: every
+  program flag, default or not, one --flag=value a line (absl and TensorFlow flags left out),
+  the directories of PATH_FLAGS made absolute."""
+  lines = [f'# {line}' if line else '#' for line in header.splitlines()]
+  for flag in program_flags(flag_values):
+    if flag.name in PATH_FLAGS and flag.value:
+      lines.append(f'--{flag.name}={os.path.abspath(flag.value)}')
+      continue
+    text = flag.serialize()
+    if text:  # a string flag whose value is None (--data_dir unset) serializes to ''
+      lines.append(text)
+  return '\n'.join(lines) + '\n'

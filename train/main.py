@@ -1,11 +1,11 @@
-r"""The tfflows training program.
+r"""The tfflows training program: train, evaluate, sample, interpolate and export flows.
 
-    python -m train.main --flagfile=configs/mnist.flags --workdir=/tmp/mnist
-    python -m train.main --flagfile=configs/mnist.flags --workdir=/tmp/mnist --mode=eval \
+    python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist
+    python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=eval \
         --num_importance_samples=64
 
 --mode takes one mode or a comma list run in order (train,eval,sample,export); rerunning a
-training command resumes from the workdir. ``--helpfull`` lists every flag with its help.
+training command resumes from the workdir. Flags after --flagfile override the file's.
 
 A problem the user can fix (a flag, a file, a full or read-only disk, a non-finite result) ends
 the program with exit status 1 and one line on stderr, "train.main: error: ...", naming the
@@ -18,6 +18,10 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from train import quiet  # noqa: E402  pylint: disable=wrong-import-position
+
+quiet.import_tensorflow()  # without the CUDA lines of a CPU-only machine (see train/quiet.py)
 
 import keras  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
@@ -96,5 +100,15 @@ def stop(error):
   sys.exit(f'train.main: error: {" ".join(str(error).split())}')
 
 
+def parse_flags(argv):
+  """absl's parser, except that --help / -h / --helpshort print the program's flags by group
+  and --helpfull adds the libraries' flags, both exiting with status 0."""
+  full = train_flags.help_request(argv)
+  if full is not None:
+    sys.stdout.write(train_flags.help_text(__doc__, full=full))
+    sys.exit(0)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -18,48 +18,110 @@ from absl import logging
 import tfflows
 from tfflows.models.flow_model import NonFiniteError
 
+from tfflows.data import pipeline
 from train import checkpoints
+from train import progress as progress_lib
 from train import trainer
 from train.run import UserError, say
 
 
+# ---------------------------------------------------------------------------- result files
+RESULT_FILES = {
+    'eval': 'eval/ckpt-{step}_k{k}{images}{seed}.json',
+    'samples': 'samples/step{step}_t{temperature:g}{seed}.png',
+    'interpolation': 'samples/step{step}_interpolation_{name}.png',
+    'memorization': 'samples/step{step}_memorization_t{temperature:g}{seed}.png',
+    'memorization_json': 'samples/step{step}_memorization_t{temperature:g}{seed}.json',
+}
+
+
+def result_path(workdir, kind, step, *, k=None, num_images=None, temperature=None, seed=0,
+                name=None):
+  """Where a mode writes the result of `kind` for the checkpoint of `step`.
+
+  One name per checkpoint and setting, so a resumed run, a later checkpoint or an eval with
+  another k adds a file beside the earlier ones instead of replacing them:
+
+      eval            eval/ckpt-<step>_k<k>[_n<images>][_seed<seed>].json
+      samples         samples/step<step>_t<temperature>[_seed<seed>].png
+      interpolation   samples/step<step>_interpolation_<name>.png
+      memorization    samples/step<step>_memorization_t<temperature>[_seed<seed>].png, .json
+
+  `_n<images>` appears when the eval covers part of the test split (num_images given),
+  `_seed<seed>` when the seed is not 0. Exports go to EXPORT_DIR/<step> (TF Serving's version
+  directories). Raises ValueError for an unknown kind.
+  """
+  if kind not in RESULT_FILES:
+    raise ValueError(f'unknown result kind {kind!r}; known: {", ".join(RESULT_FILES)}')
+  relative = RESULT_FILES[kind].format(
+      step=int(step), k=k, temperature=temperature, name=name,
+      images=f'_n{num_images}' if num_images else '', seed=f'_seed{seed}' if seed else '')
+  return os.path.join(workdir, relative)
+
+
+def progress(run, title, total, unit='images'):
+  """A Progress display that follows --verbose (1: bar on a terminal, 2: lines, 0: none)."""
+  verbose = run.flags.verbose
+  return progress_lib.Progress(title, total, unit, show=verbose > 0,
+                               bar=None if verbose == 1 else False)
+
+
 # ------------------------------------------------------------------------------------- eval
+def num_eval_images(run):
+  """Test images an eval covers: --eval_batches batches of the eval batch size, or all."""
+  num_test = pipeline.num_examples(run.flags.dataset, 'test')
+  if run.flags.eval_batches:
+    return min(num_test, run.flags.eval_batches * run.eval_batch_size)
+  return num_test
+
+
 def run_eval(run):
   """Test bits/dim: the one-sample bound and the k-sample importance-weighted estimate over
-  --eval_batches batches (all if 0), written to WORKDIR/eval.json.
+  --eval_batches batches (all if 0), written to WORKDIR/eval/ckpt-<step>_k<k>.json
+  (``result_path``), with a progress display (images done, running figures, ETA).
 
   Each image's noise comes from --seed folded with its pixels, so an eval is reproducible and
   an image's numbers do not depend on --eval_batch_size; the IW estimate log (1/k) sum_j w_j
-  is >= the bound's expectation E[log w] for every k. A NaN or Inf number stops the eval
-  (NonFiniteError) at the batch that gives it, and nothing is written. Under
-  --strategy=multiworker worker w of W computes batches w, w + W, ... and the chief gathers
-  them (train/distributed.py), which gives the single-worker figures."""
+  is >= the bound's expectation E[log w] for every k. Cost: (1 + k) forward passes an image.
+  A NaN or Inf number stops the eval (NonFiniteError) at the batch that gives it, and nothing
+  is written. Under --strategy=multiworker worker w of W computes batches w, w + W, ... and
+  the chief gathers them (train/distributed.py), which gives the single-worker figures."""
   f = run.flags
   model, prefix = run.load_model()
   k = f.num_importance_samples
   started = time.perf_counter()
   worker, workers = run.eval_shard
   per_batch, sizes = {}, []  # {batch index: [size, 2] bound and IW bits/dim}
-  for i, batch in enumerate(run.test_dataset(drop_remainder=False)):
-    sizes.append(len(batch))
-    if i % workers == worker:
-      per_batch[i] = np.stack([_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i),
-                               _finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i)],
-                              axis=1)
+  with progress(run, f'eval (bound and IW k={k})', num_eval_images(run)) as shown:
+    for i, batch in enumerate(run.test_dataset(drop_remainder=False)):
+      sizes.append(len(batch))
+      if i % workers == worker:
+        per_batch[i] = np.stack(
+            [_finite(model.bits_per_dim(batch, 1, seed=f.seed).numpy(), prefix, i),
+             _finite(model.bits_per_dim(batch, k, seed=f.seed).numpy(), prefix, i)], axis=1)
+        running = np.concatenate(list(per_batch.values())).mean(axis=0)
+        shown.update(len(batch), bound=f'{running[0]:.4f}', iw=f'{running[1]:.4f}')
+      else:
+        shown.update(len(batch))  # another worker's batch
   bound, iw = run.gather_batches(per_batch, sizes, width=2).T
+  step = checkpoints.step_of(prefix)
   results = {
-      'checkpoint': prefix, 'step': checkpoints.step_of(prefix), 'dataset': f.dataset,
+      'checkpoint': prefix, 'step': step, 'dataset': f.dataset,
       'split': 'test', 'num_images': int(bound.size), 'num_importance_samples': k,
+      'seed': f.seed,
       'bits_per_dim_bound': float(bound.mean()), 'bits_per_dim_iw': float(iw.mean()),
       'bits_per_dim_bound_stderr': float(bound.std() / math.sqrt(bound.size)),
       'bits_per_dim_iw_stderr': float(iw.std() / math.sqrt(iw.size)),
       'seconds': round(time.perf_counter() - started, 1)}
+  path = result_path(run.workdir, 'eval', step, k=k, seed=f.seed,
+                     num_images=bound.size if f.eval_batches else None)
   if run.is_chief:
-    checkpoints.write_json(run.path('eval.json'), results)
-  say('eval (%s, step %d, %d %s test images): bound %.4f bits/dim, importance-weighted '
-      '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), results['step'],
-      results['num_images'], f.dataset, results['bits_per_dim_bound'], k,
-      results['bits_per_dim_iw'], run.path('eval.json'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    checkpoints.write_json(path, results)
+  say('eval (%s, step %d, %d %s test images, %.0f s): bound %.4f bits/dim, importance-weighted '
+      '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), step, results['num_images'],
+      f.dataset, results['seconds'], results['bits_per_dim_bound'], k,
+      results['bits_per_dim_iw'], path)
   return results
 
 
@@ -75,17 +137,20 @@ def _finite(bits_per_dim, prefix, batch):
 # ---------------------------------------------------------------------------------- samples
 def run_sample(run):
   """One PNG grid of --num_samples samples per temperature, seeded by --seed:
-  WORKDIR/samples/temperature<T>_seed<S>.png."""
+  WORKDIR/samples/step<step>_t<T>.png (``result_path``)."""
   from tfflows import sampling  # pylint: disable=import-outside-toplevel
   f = run.flags
   model, prefix = run.load_model()
+  step = checkpoints.step_of(prefix)
   paths = []
-  for t in run.temperatures:
-    images = model.sample(f.num_samples, temperature=t, seed=f.seed).numpy()
-    path = run.path('samples', f'temperature{t:g}_seed{f.seed}.png')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sampling.save_image_grid(images, path)
-    paths.append(path)
+  with progress(run, 'samples', f.num_samples * len(run.temperatures)) as shown:
+    for t in run.temperatures:
+      images = model.sample(f.num_samples, temperature=t, seed=f.seed).numpy()
+      path = result_path(run.workdir, 'samples', step, temperature=t, seed=f.seed)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      sampling.save_image_grid(images, path)
+      paths.append(path)
+      shown.update(len(images), temperature=f'{t:g}')
   say('samples of %s at temperatures %s -> %s', os.path.basename(prefix),
       ', '.join(f'{t:g}' for t in run.temperatures), ', '.join(paths))
   return paths
@@ -109,13 +174,13 @@ INTERPOLATIONS = {'linear': _linear, 'mar': _mar}
 def run_interpolate(run):
   """Interpolation in latent space between the first 2 x --interpolation_pairs test images
   (pair i: image i and image pairs + i), --interpolation_steps images a path:
-  WORKDIR/samples/interpolation_<name>.png, one path a row."""
+  WORKDIR/samples/step<step>_interpolation_<name>.png, one path a row."""
   from tfflows import sampling  # pylint: disable=import-outside-toplevel
   f = run.flags
   if f.interpolation not in INTERPOLATIONS:
     raise UserError(f'--interpolation={f.interpolation} is not one of '
                      f'{", ".join(INTERPOLATIONS)}')
-  model, _ = run.load_model()
+  model, prefix = run.load_model()
   pairs = f.interpolation_pairs
   images = run.images('test', 2 * pairs)
   if len(images) < 2 * pairs:
@@ -123,7 +188,8 @@ def run_interpolate(run):
                      f'split has {len(images)}.')
   paths = np.asarray(INTERPOLATIONS[f.interpolation](model, images[:pairs], images[pairs:],
                                                      f.interpolation_steps))
-  path = run.path('samples', f'interpolation_{f.interpolation}.png')
+  path = result_path(run.workdir, 'interpolation', checkpoints.step_of(prefix),
+                     name=f.interpolation)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   sampling.save_image_grid(paths, path)  # [pairs, steps, H, W, C]: one path a row
   say('%s interpolation, %d pairs x %d steps -> %s', f.interpolation, pairs,
@@ -134,8 +200,8 @@ def run_interpolate(run):
 def run_memorization(run):
   """DenseFlow appendix E: for --memorization_queries samples (first temperature), the
   --memorization_neighbours training images nearest in L2 over the central
-  --memorization_crop square: WORKDIR/samples/memorization.png, a row per sample (the sample,
-  then its neighbours, nearest first), and the distances in WORKDIR/memorization.json."""
+  --memorization_crop square: WORKDIR/samples/step<step>_memorization_t<T>.png, a row a sample
+  (the sample, then its neighbours, nearest first), and the distances in the .json beside it."""
   from tfflows import sampling  # pylint: disable=import-outside-toplevel
   f = run.flags
   model, prefix = run.load_model()
@@ -152,10 +218,13 @@ def run_memorization(run):
     train_images = _gather(run.image_batches('train'), indices)
     indices = np.searchsorted(np.unique(indices), indices)
   rows = sampling.memorization_grid(samples, train_images, indices)
-  path = run.path('samples', 'memorization.png')
+  step = checkpoints.step_of(prefix)
+  t = run.temperatures[0]
+  path = result_path(run.workdir, 'memorization', step, temperature=t, seed=f.seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   sampling.save_image_grid(rows, path)
-  checkpoints.write_json(run.path('memorization.json'), {
+  checkpoints.write_json(result_path(run.workdir, 'memorization_json', step, temperature=t,
+                                     seed=f.seed), {
       'checkpoint': prefix, 'temperature': run.temperatures[0], 'crop': crop,
       'nearest_l2': distances[:, 0].tolist(), 'distances': distances.tolist(),
       'train_indices': np.asarray(indices).tolist() if in_memory else None})
@@ -186,14 +255,19 @@ def run_export(run):
   model, prefix = run.load_model()
   base = f.export_dir or run.path('export')
   export_dir = os.path.join(base, str(checkpoints.step_of(prefix)))
-  images = run.images('test', 8)
-  export.export_saved_model(model, export_dir, num_importance_samples=f.export_importance_samples,
-                            overwrite=True, check_images=images)
-  loaded, _ = export.load_exported(export_dir)
-  served = export.serve_log_prob(loaded, images)['bits_per_dim']
-  python = model.bits_per_dim(images, f.export_importance_samples,
-                              seed=export.SERVING_SEED).numpy()
-  difference = float(np.max(np.abs(served - python)))
+  with progress(run, 'export', 3, 'stages') as shown:
+    images = run.images('test', 8)
+    export.export_saved_model(model, export_dir,
+                              num_importance_samples=f.export_importance_samples,
+                              overwrite=True, check_images=images)
+    shown.update(1, stage='SavedModel written')
+    loaded, _ = export.load_exported(export_dir)
+    shown.update(1, stage='reloaded')
+    served = export.serve_log_prob(loaded, images)['bits_per_dim']
+    python = model.bits_per_dim(images, f.export_importance_samples,
+                                seed=export.SERVING_SEED).numpy()
+    difference = float(np.max(np.abs(served - python)))
+    shown.update(1, stage='checked on 8 test images')
   say('exported %s -> %s (served bits/dim of 8 test images: mean %.4f, max difference to '
       'the Python model %.3g)', os.path.basename(prefix), export_dir, float(served.mean()),
       difference)

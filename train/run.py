@@ -199,11 +199,14 @@ class Run:
       raise UserError(f'model flags: {_one_line(error)}') from None
 
   def write_workdir_config(self):
-    """Writes config.json (the model) once and flags.txt (this invocation's flags), each
-    atomically: a failing run never leaves a truncated one."""
+    """Writes config.json (the model) once and flags.txt (this invocation's program flags, a
+    flagfile that reproduces the run), each atomically: a failing run never leaves a truncated
+    one."""
     if not os.path.exists(self.path(CONFIG_JSON)):
       checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
-    atomic.write_text(self.path(FLAGS_TXT), self.flags.flags_into_string())
+    atomic.write_text(self.path(FLAGS_TXT), train_flags.flagfile_text(self.flags, header=(
+        'The flags of the last training invocation of this run; to rerun it (resume):\n'
+        f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
 
   def init_from_config_difference(self):
     """' (... config.json: --width=16 there)' when the run --init_from names has a config.json

@@ -165,8 +165,14 @@ def run_train(run):
         run.temperatures, f.seed, write=chief)
     # The checkpoint callback before the summaries: a model that gives NaN stops training with
     # the checkpointer's message (naming the last good checkpoint) before anything samples it.
+    # TrainingProgress replaces Keras' progress bar; BatchNormRefresh recomputes batch-norm
+    # statistics before each per-epoch test evaluation (--bn_refresh_batches).
     callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite, f.max_nonfinite_skips,
                                                     last_good=lambda: checkpointer.last_good),
+                     train_callbacks.TrainingProgress(f.epochs, total, f.batch_size, schedule,
+                                                      f.scale_l2 > 0, f.verbose),
+                     train_callbacks.BatchNormRefresh(run.train_dataset(seed=f.seed + 1),
+                                                      f.bn_refresh_batches, seed=f.seed),
                      train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
                                                         steps_per_epoch),
                      summaries]
@@ -179,7 +185,7 @@ def run_train(run):
           lambda batch, shards, index: run.train_dataset(seed=f.seed + start, batch_size=batch,
                                                          num_shards=shards, shard_index=index))
       fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
-               callback_list, f.verbose)
+               callback_list, verbose=0)
     else:
       logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
                    f.epochs, steps_per_epoch)

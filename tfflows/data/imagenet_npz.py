@@ -58,7 +58,8 @@ def missing_message(resolution, split, data_dir, detail=''):
   """The error text for absent files: what is expected where, and how to get it."""
   zips = ' and '.join(_ZIPS[resolution][split])
   return (
-      f'ImageNet{resolution} {split} npz files not found under data_dir={data_dir!r}'
+      f'ImageNet{resolution} {split} npz files not found under data_dir={data_dir!r} '
+      f'(`--data_dir` of train.main)'
       f'{": " + detail if detail else ""}. Expected {_EXPECTED[resolution][split]} '
       f'(any *{split}*.npz under data_dir with rows of {3 * resolution ** 2} values). '
       f'Get them from {DOWNLOAD_URL}: download {zips} and unzip into data_dir, e.g. '

@@ -10,7 +10,11 @@ FileNotFoundError naming the dataset, the data_dir and the command that prepares
 of tfds trying (and failing) to download. `tensorflow_datasets` is imported lazily.
 """
 
+import contextlib
 import dataclasses
+import logging
+import os
+import re
 
 import tensorflow as tf
 
@@ -78,12 +82,43 @@ def prepare_command(tfds_name, data_dir):
   return cmd
 
 
+class _AbsentFolderWarnings(logging.Filter):
+  """Drops TFDS' warning "Variant folder X has no dataset_info.json" when X does not exist:
+  the dataset is simply not prepared, which the error raised next says."""
+
+  def filter(self, record):
+    match = re.search(r'Variant folder (\S+) has no dataset_info\.json', record.getMessage())
+    return match is None or tf.io.gfile.exists(match.group(1))
+
+
+@contextlib.contextmanager
+def _no_warnings_about_absent_folders():
+  logger = logging.getLogger('absl')  # TFDS logs through absl.logging
+  record_filter = _AbsentFolderWarnings()
+  logger.addFilter(record_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(record_filter)
+
+
+def not_prepared_message(name, split, data_dir, where):
+  """The error text for a TFDS dataset that is not in the data directory."""
+  source = SOURCES[name]
+  given = f'data_dir={data_dir!r}' if data_dir else f'the default data_dir {where!r}'
+  return (f'TFDS dataset {source.tfds_name!r} (for {name!r}, split {split!r}) is not prepared in '
+          f'{given} (`--data_dir` of train.main). Prepare it with '
+          f'{prepare_command(source.tfds_name, data_dir or where)}.')
+
+
 def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False, seed=0,
               shard=None):
   """tf.data.Dataset of (image uint8, label int64) for one of `SOURCES`.
 
   name: 'mnist', 'cifar10', 'celeba64', 'imagenet32', 'imagenet64'.
-  data_dir: TFDS data directory (None: TFDS' default, ~/tensorflow_datasets).
+  data_dir: TFDS data directory (None: TFDS' default, $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  Raises FileNotFoundError naming the directory and the command that prepares the dataset
+  when it is missing (and download is False).
   download: let TFDS download and prepare missing data (needs network).
   shuffle_files: seeded shuffling of the TFDS shard order.
   shard: None or (num_shards, shard_index): by file (TFDS' own input_context sharding) when
@@ -97,24 +132,24 @@ def load_tfds(name, split, data_dir=None, *, download=False, shuffle_files=False
     raise ValueError(f'{name} has splits {sorted(source.splits)}, not {split!r}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  where = data_dir or tfds.core.constants.DATA_DIR
   tfds_split = source.splits[split]
   try:
-    tfds_split, input_context = shard_split(tfds, source.tfds_name, tfds_split, data_dir,
-                                             shard)
-    read_config = None
-    if shuffle_files or input_context:
-      read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
-                                    input_context=input_context)
-    ds = tfds.load(source.tfds_name, split=tfds_split, data_dir=data_dir,
-                   download=download, shuffle_files=shuffle_files, read_config=read_config)
+    with _no_warnings_about_absent_folders():
+      tfds_split, input_context = shard_split(tfds, source.tfds_name, tfds_split, data_dir,
+                                               shard)
+      read_config = None
+      if shuffle_files or input_context:
+        read_config = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
+                                      input_context=input_context)
+      ds = tfds.load(source.tfds_name, split=tfds_split, data_dir=data_dir,
+                     download=download, shuffle_files=shuffle_files, read_config=read_config)
   except (AssertionError, FileNotFoundError, OSError, KeyError,
           tfds.core.registered.DatasetNotFoundError) as e:
-    where = data_dir or '~/tensorflow_datasets (TFDS default)'
-    raise FileNotFoundError(
-        f'TFDS dataset {source.tfds_name!r} (for {name!r}, split {split!r}) is not prepared '
-        f'in data_dir={where!r}{"" if download else " and download=False"}. '
-        f'Prepare it with {prepare_command(source.tfds_name, data_dir)}. '
-        f'(TFDS said: {type(e).__name__}: {e})') from e
+    message = not_prepared_message(name, split, data_dir, where)
+    if tf.io.gfile.exists(os.path.join(where, source.tfds_name.split('/')[0])):
+      message += f' (TFDS said: {type(e).__name__}: {e})'  # a folder, but not a usable one
+    raise FileNotFoundError(message) from e
 
   def convert(example):
     image = source.preprocess(example['image'])

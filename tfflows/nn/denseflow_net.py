@@ -1,4 +1,6 @@
-"""DenseFlow's coupling network (Grcic, Grubisic & Segvic 2021; REFERENCE.md section 1).
+"""DenseFlow's coupling network (Grcic, Grubisic & Segvic, "Densely connected normalizing
+flows", NeurIPS 2021, and its supplementary material; the authors' PyTorch code,
+https://github.com/matejgrcic/DenseFlow, for what the paper leaves open).
 
 For an input x [B, H, W, C_in] and width w:
 
