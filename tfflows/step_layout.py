@@ -32,6 +32,14 @@ def has_loops(model):
   return any(k is not None for _, k in unrolled_layout(model))
 
 
+def has_while_loops(model):
+  """Whether any group of stacked steps runs as a ``tf.while_loop`` (K >= the minimum loop
+  length; shorter groups are traced step by step)."""
+  return any(isinstance(layer, repeated.StackedWeights)
+             and layer.num_steps >= repeated.MIN_LOOP_STEPS
+             for layer in model._flatten_layers(include_self=False))  # pylint: disable=protected-access
+
+
 def unrolled_shapes(model):
   """Shapes of the unrolled layout's variables, in its order."""
   return [tuple(v.shape[1:]) if k is not None else tuple(v.shape)
