@@ -399,26 +399,27 @@ def _flat(structure):
   return tf.concat([tf.reshape(t, [-1]) for t in tf.nest.flatten(structure)], 0)
 
 
+def _output_and_jacobian(fn, structure, **condition):
+  """fn(structure, **condition)[0] and its Jacobian [output size, input size] (all parts of
+  the input and output structures flattened, one event)."""
+  parts = [tf.identity(t) for t in tf.nest.flatten(structure)]
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(parts)
+    out, _ = fn(tf.nest.pack_sequence_as(structure, parts), **condition)
+    flat = _flat(out)
+  jacobian = tf.concat([tf.reshape(j, [flat.shape[0], -1]) for j in
+                        tape.jacobian(flat, parts, experimental_use_pfor=False)], 1)
+  return out, jacobian
+
+
 @_cases()
 def test_inverse_jacobian_inverts_forward_jacobian(case_and_bijector):
   """J_inverse(y) . J_forward(x) = identity for one event (the inverse has gradients)."""
   case, b = case_and_bijector
   x, condition = _inputs(case, [], seed=7)
-  parts = tf.nest.flatten(x)
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch(parts)
-    y, _ = b.forward_and_log_det(tf.nest.pack_sequence_as(x, parts), **condition)
-    flat_y = _flat(y)
-  j_forward = tf.concat([tf.reshape(j, [flat_y.shape[0], -1]) for j in
-                         tape.jacobian(flat_y, parts, experimental_use_pfor=False)], 1)
-  y_parts = [tf.identity(t) for t in tf.nest.flatten(y)]
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch(y_parts)
-    x_back, _ = b.inverse_and_log_det(tf.nest.pack_sequence_as(y, y_parts), **condition)
-    flat_x = _flat(x_back)
-  j_inverse = tf.concat([tf.reshape(j, [flat_x.shape[0], -1]) for j in
-                         tape.jacobian(flat_x, y_parts, experimental_use_pfor=False)], 1)
-  np.testing.assert_allclose(j_inverse @ j_forward, np.eye(flat_x.shape[0]), atol=1e-8)
+  y, j_forward = _output_and_jacobian(b.forward_and_log_det, x, **condition)
+  _, j_inverse = _output_and_jacobian(b.inverse_and_log_det, y, **condition)
+  np.testing.assert_allclose(j_inverse @ j_forward, np.eye(j_inverse.shape[0]), atol=1e-8)
 
 
 # -- errors -----------------------------------------------------------------------------------

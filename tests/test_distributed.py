@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,20 +162,10 @@ def test_xla_per_replica_under_mirrored_matches_the_single_device_xla_step():
 
 
 # ------------------------------------------------------------------ 2 workers on 127.0.0.1
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _start_workers(workdir, args, tmpdir, ports=None):
   """Two `python -m train.main --strategy=multiworker` processes, TF_CONFIG with both workers
   on 127.0.0.1, one CPU device each; TMPDIR=tmpdir for their temporary files."""
-  ports = ports or _free_ports(2)
+  ports = ports or distributed.free_local_ports(2)
   os.makedirs(tmpdir, exist_ok=True)
   processes = []
   for index in range(2):

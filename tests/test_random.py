@@ -6,6 +6,7 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
+from tests import flow_checks
 import tfflows
 from tfflows import random
 from tfflows.models.flow_model import NonFiniteError
@@ -117,8 +118,7 @@ def test_an_images_seeded_log_prob_does_not_depend_on_its_batch(config):
 # --------------------------------------------------- non-finite values are never silent
 def _poison(model):
   """Finite weights whose model gives NaN: the first coupling network's weights at 1e30."""
-  net = next(layer for layer in model._flatten_layers() if layer.name == 'level0_step0_net')  # pylint: disable=protected-access
-  for w in net.weights:
+  for w in flow_checks.first_level_networks(model):
     w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
 
 

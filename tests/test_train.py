@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from tests import flow_checks
 import tfflows
 from tfflows.models import denseflow
 from train import callbacks
@@ -597,13 +598,14 @@ def test_progress_redraws_on_a_terminal_and_logs_sparsely_elsewhere(monkeypatch)
 
 @pytest.fixture(scope='module')
 def tiny_denseflow():
-  """A tiny DenseFlow (batch norm in every coupling network), ActNorm initialised, output convs
-  perturbed; its running statistics are still the initial ones (0 and 1), far from any
-  batch's."""
+  """A tiny DenseFlow (batch norm in every coupling network; the first block's units are 3
+  steps each, a loop over stacked weights), ActNorm initialised, output convs perturbed; its
+  running statistics are still the initial ones (0 and 1), far from any batch's. Float32
+  networks: the traced and eager passes are compared to 1e-5."""
   config = tfflows.FlowConfig(model='denseflow', image_shape=(8, 8, 1), block_conf=(2, 1),
-                              layers_conf=(1, 1), layer_mid_channels=(8, 8), growth_rate=2,
+                              layers_conf=(3, 1), layer_mid_channels=(8, 8), growth_rate=2,
                               dense_layers=1, dense_growth=4, split_prior='standard',
-                              dequantization='uniform')
+                              dequantization='uniform', conditioner_precision='float32')
   model = tfflows.build_model(config)
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.uint8)
   model(tf.cast(images[:8], tf.float32), training=True, seed=tf.constant([5, 5]))
@@ -617,7 +619,8 @@ def tiny_denseflow():
 
 def test_batch_norm_refresh_sets_the_batch_statistics_and_nothing_else(tiny_denseflow):
   model, (first, second) = tiny_denseflow
-  layers = callbacks.batch_norm_layers(model)
+  statistics = callbacks.batch_norm_statistics(model)
+  layers = [layer for layer, _, _ in statistics]
   assert len(layers) == 3 and all(layer.momentum == 0.9 for layer in layers)
   seed = tf.constant([0, 0])
   x = tf.cast(first, tf.float32)
@@ -626,7 +629,7 @@ def test_batch_norm_refresh_sets_the_batch_statistics_and_nothing_else(tiny_dens
   assert not np.allclose(model(x, training=False, seed=seed), model(x, training=True, seed=seed))
 
   def stats():
-    return [np.array(layers[-1].moving_mean), np.array(layers[-1].moving_variance)]
+    return [np.array(statistics[-1][1]), np.array(statistics[-1][2])]
   assert callbacks.refresh_batch_norm(model, [first]) == 1
   # Inference now normalises with exactly the statistics of that batch: the same numbers.
   np.testing.assert_allclose(model(x, training=False, seed=seed),
@@ -664,9 +667,9 @@ def test_batch_norm_refresh_runs_before_each_test_evaluation(tiny_denseflow):
   eager = tfflows.build_model(model.config)
   eager.set_weights(model.get_weights())
   assert callbacks.refresh_batch_norm(eager, [second], seed=3) == 1
-  for a, b in zip(callbacks.batch_norm_layers(model), callbacks.batch_norm_layers(eager)):
-    np.testing.assert_allclose(np.array(a.moving_variance), np.array(b.moving_variance),
-                               rtol=1e-5)
+  for (_, _, a), (_, _, b) in zip(callbacks.batch_norm_statistics(model),
+                                  callbacks.batch_norm_statistics(eager)):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5)
   refresh.on_test_begin()
   assert refresh.refreshes == 2
   assert refresh._forward.experimental_get_tracing_count() == 1  # pylint: disable=protected-access
@@ -859,8 +862,7 @@ def test_eval_sample_and_export_of_a_model_that_gives_nan_fail_and_write_nothing
   shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('eval*', 'samples', 'export'))
   run = Run.from_flags(_parse(f'--workdir={workdir}', '--mode=eval'), modes.MODES)
   model, _ = run.load_model()
-  net = next(layer for layer in model._flatten_layers() if layer.name == 'level0_step0_net')  # pylint: disable=protected-access
-  for w in net.weights:
+  for w in flow_checks.first_level_networks(model):
     w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
   poisoned = os.path.join(workdir, 'checkpoints', 'ckpt-5')
   checkpoints.model_checkpoint(model).write(poisoned)

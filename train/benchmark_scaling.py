@@ -23,7 +23,6 @@ of this program mean anything.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -102,16 +101,6 @@ def _measure(configuration):
   return out
 
 
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _children(configuration, argv):
   """The child processes of one configuration; each prints one JSON line last."""
   base = [sys.executable, '-m', 'train.benchmark_scaling', *argv[1:],
@@ -123,7 +112,8 @@ def _children(configuration, argv):
   if configuration == 'mirrored':
     return [subprocess.Popen(base + ['--num_cpu_devices=2'], env=env, stdout=subprocess.PIPE,
                              text=True)]
-  ports = _free_ports(2)
+  from train import distributed  # pylint: disable=import-outside-toplevel
+  ports = distributed.free_local_ports(2)
   processes = []
   for index in range(2):
     tf_config = {'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},

@@ -198,12 +198,20 @@ class TensorBoardSummaries(keras.callbacks.Callback):
 
 
 # ---------------------------------------------------------------------- batch-norm refresh
-def batch_norm_layers(model):
-  """The keras.layers.BatchNormalization layers of a model, each once."""
+def batch_norm_statistics(model):
+  """[(layer, moving mean, moving variance)] for the keras.layers.BatchNormalization layers of
+  a model, each once. For flow steps that run as a loop (``bijectors.repeated``) the layer is
+  the loop's template layer and the statistics are its stacked weights [K, C] (one row a
+  step), which hold the model's numbers."""
   found = {}
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
     if isinstance(layer, keras.layers.BatchNormalization):
-      found[id(layer)] = layer
+      found[id(layer)] = (layer, layer.moving_mean, layer.moving_variance)
+    for template in getattr(layer, 'template_layers', ()):   # StackedWeights
+      for sub in template._flatten_layers(include_self=True):  # pylint: disable=protected-access
+        if isinstance(sub, keras.layers.BatchNormalization):
+          found[id(sub)] = (sub, layer.stacked(sub.moving_mean),
+                            layer.stacked(sub.moving_variance))
   return list(found.values())
 
 
@@ -256,32 +264,31 @@ def refresh_batch_norm(model, batches, seed=0, forward=None):
   statistics over `batches` (uint8 image batches), from training-mode forward passes with
   the stateless seed (seed + i, 0) for batch i. Returns the number of batches used (0: no batch norm or no
   batches; nothing changes then). `forward(images, seed)`: a cached traced forward pass."""
-  layers = batch_norm_layers(model)
-  if not layers:
+  statistics = batch_norm_statistics(model)
+  if not statistics:
     return 0
   if forward is None:
     forward = lambda images, s: model(tf.cast(images, tf.float32), training=True, seed=s)  # noqa: E731
+  layers = [layer for layer, _, _ in statistics]
   momenta = [layer.momentum for layer in layers]
   totals = [[0., 0.] for _ in layers]
   count = 0
-  saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+  saved = [(mean.numpy(), variance.numpy()) for _, mean, variance in statistics]
   try:
     for layer in layers:
       layer.momentum = 0.  # each pass leaves exactly its batch statistics (also when traced)
     for i, images in enumerate(batches):
       forward(images, tf.constant([seed + i, 0], tf.int32))
-      for total, layer in zip(totals, layers):
-        total[0] = total[0] + layer.moving_mean.numpy()
-        total[1] = total[1] + layer.moving_variance.numpy()
+      for total, (_, mean, variance) in zip(totals, statistics):
+        total[0] = total[0] + mean.numpy()
+        total[1] = total[1] + variance.numpy()
       count += 1
   finally:
     for layer, momentum in zip(layers, momenta):
       layer.momentum = momentum
-  for layer, (mean, variance), total in zip(layers, saved, totals):
-    if count:
-      mean, variance = total[0] / count, total[1] / count
-    layer.moving_mean.assign(mean)
-    layer.moving_variance.assign(variance)
+  for (_, mean, variance), old, total in zip(statistics, saved, totals):
+    mean.assign(total[0] / count if count else old[0])
+    variance.assign(total[1] / count if count else old[1])
   return count
 
 

@@ -25,6 +25,7 @@ The rules every worker follows, so that all of them hold the same model at every
 import hashlib
 import json
 import os
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -239,3 +240,14 @@ def log_cluster(strategy):
   logging.info('%d worker(s), %d replica(s) in sync; this is task %d (%s)',
                num_workers(strategy), strategy.num_replicas_in_sync, task_id,
                'chief' if chief else 'not the chief: writes nothing to the workdir')
+
+
+def free_local_ports(n):
+  """``n`` TCP ports on 127.0.0.1 that were free a moment ago (for a local TF_CONFIG cluster)."""
+  sockets = [socket.socket() for _ in range(n)]
+  for s in sockets:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
