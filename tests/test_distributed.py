@@ -315,3 +315,16 @@ def test_lost_worker_message_names_the_cause_and_the_checkpoint():
   assert 'UnavailableError: recvmsg:Connection reset by peer' in message
   assert "The chief's last checkpoint is /w/checkpoints/ckpt-10." in message
   assert 'No checkpoint was written yet.' in distributed.worker_lost_message(error, None)
+
+
+def test_scaling_benchmark_runs():
+  """python -m train.benchmark_scaling (one device and 2 mirrored replicas, tiny config) runs
+  to its table: the program behind the README's scaling figures."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'train.benchmark_scaling', '--flagfile=configs/tiny.flags',
+       '--configurations=one,mirrored', '--steps=1', '--warmup=1', '--batch_size=4'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert any(line.startswith('one ') for line in lines)
+  assert any(line.startswith('mirrored ') for line in lines)

@@ -148,6 +148,20 @@ def graph_op_count(concrete_function):
   return total
 
 
+def seconds_per_call(fn, args, warmup, steps):
+  """Seconds per call of fn(*args) after ``warmup`` calls; one host read-back at the end."""
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+  if out is not None:
+    tf.nest.map_structure(lambda t: t.numpy(), out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  tf.nest.map_structure(lambda t: t.numpy(), out)
+  return (time.perf_counter() - start) / steps
+
+
 def _measure(part, fn, args, batch_size, warmup, steps, jit_compile):
   """A Row for fn(*args): trace, first call, warm-up, timed calls, program size."""
   reset_tensor_peak()

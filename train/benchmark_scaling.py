@@ -94,8 +94,7 @@ def _measure(configuration):
 
   for name, fn, arg in (('step', step, images), ('compute', compute, images),
                         ('all_reduce', all_reduce, images)):
-    timed = benchmark._timed  # pylint: disable=protected-access
-    out[f'{name}_s'] = timed(local(fn), (arg,), FLAGS.warmup, FLAGS.steps)
+    out[f'{name}_s'] = benchmark.seconds_per_call(local(fn), (arg,), FLAGS.warmup, FLAGS.steps)
   out['images_per_s'] = FLAGS.batch_size / out['step_s']
   out['gradient_mb'] = sum(int(np.prod(v.shape)) for v in model.trainable_variables) * 4 / 1e6
   return out
