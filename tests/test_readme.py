@@ -85,6 +85,9 @@ BLOCKS = {
     'python -m train.main --help': (RUN, 'the grouped help'),
     'python -m train.benchmark --flagfile': (RUN, 'the benchmark (optional [flags] left out)'),
     'python -m train.benchmark_scaling': (RUN, 'one device vs 2 replicas vs 2 workers'),
+    'python -m train.benchmark --flagfile=configs/cifar10.flags': (
+        SKIP, 'DF-74-10, the paper-size model, in several variants: an hour of compiling and '
+        'training on a 2-core CPU; its figures are the table that follows it'),
     'python -m train.marps_timing': (RUN, 'MARPS sampling times'),
     'python -m train.lcma_ablation --workdir=DIR': (RUN, 'the LCMA ablation (DIR: a scratch '
                                                         'directory)'),
