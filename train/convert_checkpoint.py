@@ -46,19 +46,21 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   unrolled = tfflows.build_model(config.replace(step_loop=False))
   source_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   source_optimizer.build(unrolled.trainable_variables)
-  step = tf.Variable(0, dtype=tf.int64, trainable=False)
-  epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
   checkpoints.check_model_variables(prefix, unrolled)
-  restored = tf.train.Checkpoint(optimizer=source_optimizer, step=step, epoch=epoch,
+  restored = tf.train.Checkpoint(optimizer=source_optimizer,
                                  **{checkpoints.MODEL_VARIABLES: list(unrolled.variables)})
   restored.read(prefix).expect_partial()
+  # The progress counters the Checkpointer saves by name, read as values.
+  reader = tf.train.load_checkpoint(prefix)
+  step, epoch = (int(reader.get_tensor(f'{name}/.ATTRIBUTES/VARIABLE_VALUE'))
+                 for name in ('step', 'epoch'))
   looped = tfflows.build_model(config)
   step_layout.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
   target_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   target_optimizer.build(looped.trainable_variables)
   step_layout.copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
   writer = checkpoints.Checkpointer(workdir, looped, target_optimizer, keep=1)
-  written = writer.save(int(step.numpy()), int(epoch.numpy()))
+  written = writer.save(step, epoch)
   checkpoints.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   return written
 
