@@ -46,6 +46,7 @@ import keras
 import tensorflow as tf
 
 from bijectors import base
+from tfflows.nn import torch_init
 from tfflows.nn.zero_conv import zero_conv1x1
 
 
@@ -80,7 +81,7 @@ class CrossUnitNet(keras.layers.Layer):
       raise ValueError(f'{self.name}: the channel axis of the context must be known, '
                        f'got shape {input_shape}.')
     spatial = tuple(input_shape[:-1])
-    self.hidden = keras.layers.Conv2D(self.hidden_multiplier * int(channels), 3, padding='same',
+    self.hidden = torch_init.Conv2D(self.hidden_multiplier * int(channels), 3, padding='same',
                                       activation='relu', name='conv3x3')
     self.hidden.build(input_shape)
     self.out.build(spatial + (self.hidden_multiplier * int(channels),))

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfflows import nn
+from tfflows.nn import torch_init
 
 SHAPE = (2, 4, 4, 3)  # [B, H, W, C]: 16 pixel tokens
 
@@ -21,6 +22,9 @@ def _factories():
       'dense_block': (lambda: nn.DenseBlock(2, 8), 3 + 2 * 8, False, False),
       'gated_conv': (lambda: nn.GatedConv1x1(5), 5, False, False),
       'nystrom': (lambda: nn.NystromAttention(8, num_landmarks=4, num_heads=2), 3, False, False),
+      'nystrom_official': (lambda: nn.NystromAttention(8, num_landmarks=4, form='official'), 3,
+                           False, False),
+      'torch_conv': (lambda: torch_init.Conv2D(5, 3, padding='same'), 5, False, False),
       'denseflow': (lambda: nn.DenseFlowConditioner(6, width=16, dense_layers=2, dense_growth=8),
                     6, True, True),
       'flowpp': (lambda: nn.GatedResidualAttentionNet(6, width=16, num_blocks=1, num_heads=2),
@@ -138,7 +142,8 @@ def test_float64(float64):
     assert all(w.dtype == 'float64' for w in layer.weights), name
 
 
-@pytest.mark.parametrize('name', ['zero_conv', 'glow', 'resnet', 'nystrom', 'denseflow', 'flowpp'])
+@pytest.mark.parametrize('name', ['zero_conv', 'glow', 'resnet', 'nystrom', 'nystrom_official',
+                                  'torch_conv', 'denseflow', 'flowpp'])
 def test_get_config_round_trip(name):
   layer = FACTORIES[name][0]()
   layer(_input())
@@ -197,6 +202,94 @@ def test_nystrom_approximates_exact_with_few_landmarks():
   assert 1e-6 < np.max(np.abs(approx - exact)) < 10 * np.max(np.abs(exact))
 
 
+def _official_nystrom_reference(x, layer):
+  """The official DenseFlow NystromAttention written out in numpy, step by step as its PyTorch
+  module runs on an NCHW tensor (denseflow/nn/blocks/attention.py of the authors' code)."""
+  w_qkv, b_qkv = (v.numpy()[0, 0] if v.shape.rank == 4 else v.numpy()
+                  for v in (layer.qkv.kernel, layer.qkv.bias))
+  w_out, b_out = layer.out.kernel.numpy()[0, 0], layer.out.bias.numpy()
+  batch, h, w, c = x.shape
+  n, m = h * w, layer.num_landmarks
+  qkv = np.einsum('bhwc,cf->bfhw', x, w_qkv) + b_qkv[:, None, None]   # the NCHW conv output
+  tokens = qkv.reshape(batch, n, -1)                                   # .reshape(N, H*W, 3E)
+  q, k, v = np.split(tokens, 3, axis=-1)                               # .chunk(3, dim=-1)
+  e = q.shape[-1]
+  q_land = q.reshape(batch, m, n // m, e).mean(axis=-2) / np.sqrt(n)
+  k_land = k.reshape(batch, m, n // m, e).mean(axis=-2) / np.sqrt(n)
+
+  def softmax_dim_minus_2(a):
+    a = np.exp(a - a.max(axis=-2, keepdims=True))
+    return a / a.sum(axis=-2, keepdims=True)
+
+  k1 = softmax_dim_minus_2(q @ k_land.transpose(0, 2, 1))
+  k2 = softmax_dim_minus_2(q_land @ k_land.transpose(0, 2, 1))
+  k3 = softmax_dim_minus_2(q_land @ k.transpose(0, 2, 1))
+  eye = np.eye(m)
+  z = k2.transpose(0, 2, 1) / (np.abs(k2).sum(-2).max(-1) * np.abs(k2).sum(-1).max(-1))[:, None,
+                                                                                        None]
+  for _ in range(layer.pinv_iterations):
+    kz = k2 @ z
+    z = (0.25 * z) @ (13 * eye - kz @ (15 * eye - kz @ (7 * eye - kz)))
+  out = k1 @ z @ (k3 @ v) + v                                           # [B, N, E]
+  out = out.reshape(batch, e, h, w)                                     # .reshape(N, -1, H, W)
+  return np.einsum('behw,ef->bhwf', out, w_out) + b_out
+
+
+def test_official_nystrom_matches_its_reference(float64):
+  """form='official' computes what the authors' module computes (checked once against the
+  PyTorch module itself as well: 1.8e-7 apart in float32), on an 8x8 grid whose 3E = 24
+  values a token straddle channel boundaries."""
+  layer = nn.NystromAttention(8, num_landmarks=4, output_channels=6, form='official')
+  x = np.random.default_rng(1).normal(size=(2, 8, 8, 5))
+  got = layer(tf.constant(x)).numpy()
+  np.testing.assert_allclose(got, _official_nystrom_reference(x, layer), rtol=1e-10, atol=1e-12)
+
+
+def test_official_nystrom_is_not_the_published_form(float64):
+  layer = nn.NystromAttention(8, num_landmarks=4, form='official')
+  x = _input(tf.float64)
+  official = layer(x).numpy()
+  layer.form = 'published'
+  assert np.max(np.abs(layer(x).numpy() - official)) > 1e-3
+
+
+def test_official_nystrom_takes_one_head():
+  with pytest.raises(ValueError, match='num_heads=1'):
+    nn.NystromAttention(8, num_heads=2, form='official')
+  with pytest.raises(ValueError, match='form='):
+    nn.NystromAttention(8, form='pixels')
+
+
+def test_torch_init_draws_pytorch_default_bounds():
+  """Kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 32 (what
+  torch.nn.Conv2d.reset_parameters draws): every value inside the bound, the variance that of
+  the uniform distribution, bound^2 / 3, and Keras' zero bias not used."""
+  keras.utils.set_random_seed(0)
+  conv = torch_init.Conv2D(256, 3)
+  conv.build((None, 8, 8, 32))
+  bound = 1. / np.sqrt(3 * 3 * 32)
+  kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
+  assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+  np.testing.assert_allclose(kernel.var(), bound ** 2 / 3, rtol=0.02)
+  np.testing.assert_allclose(bias.var(), bound ** 2 / 3, rtol=0.25)
+  assert np.abs(bias).max() > 0.9 * bound
+  with pytest.raises(ValueError, match='kernel_initializer'):
+    torch_init.Conv2D(4, 1, kernel_initializer='zeros')
+
+
+def test_denseflow_networks_initialise_as_the_official_code():
+  """Every convolution of the coupling network has PyTorch's default initialisation but the
+  zero-initialised output; the 2w -> w convolution after batch norm has no bias (the official
+  MultiHeadDenseBlock's mix_conv)."""
+  net = nn.DenseFlowConditioner(6, width=16, dense_layers=2, dense_growth=8)
+  net(_input())
+  convs = [l for l in net._flatten_layers() if isinstance(l, keras.layers.Conv2D)]
+  assert len(convs) == 1 + 2 * 2 + 1 + 2 + 1 + 1
+  assert all(isinstance(c, torch_init.Conv2D) for c in convs if c is not net.conv_out)
+  assert not np.any(net.conv_out.kernel.numpy())
+  assert not net.conv_mid.use_bias and net.conv_mid.bias is None
+
+
 def test_nystrom_rejects_indivisible_tokens():
   with pytest.raises(ValueError, match='not divisible by num_landmarks'):
     nn.NystromAttention(8, num_landmarks=4)(tf.zeros([1, 3, 3, 2]))
@@ -246,11 +339,11 @@ def test_denseflow_conditioner_parameter_count():
   (ceil(12/2) at 16x16x12) and out 12 (shift and scale for 6). Counted by hand:
     conv_in 6*48+48 = 336; dense block sum_i (c_i^2 + c_i + 9*64*c_i + 64) for
     c_i = 48, 112, ..., 432 = 1,487,696; gated conv 496*144+144 = 71,568; attention
-    3*(48*24+24) + 24*48+48 = 4,728; batch norm 4*96 = 384 (192 trainable); conv_mid 96*48+48
-    = 4,656; conv_out 48*12+12 = 588. Total 1,569,956, which matches the paper's "about 1.58M"
-    within 1%; the dense block is 95% of it."""
+    3*(48*24+24) + 24*48+48 = 4,728; batch norm 4*96 = 384 (192 trainable); conv_mid 96*48
+    = 4,608 (no bias, as in the official code); conv_out 48*12+12 = 588. Total 1,569,908, which
+    matches the paper's "about 1.58M" within 1%; the dense block is 95% of it."""
   net = nn.DenseFlowConditioner(12)
   net(tf.zeros([1, 16, 16, 6]))
-  assert net.count_params() == 1_569_956
+  assert net.count_params() == 1_569_908
   assert 1.55e6 < net.count_params() < 1.60e6
   assert net.dense.count_params() == 1_487_696

@@ -14,6 +14,7 @@ import json
 MODELS = ('glow', 'realnvp', 'denseflow', 'marscf')
 REMAT = ('none', 'step')
 PRECISIONS = ('auto', 'float32', 'bfloat16', 'float16')
+ATTENTION_FORMS = ('official', 'published')
 # Fields that change how a model computes but not its weights: a run may resume or be evaluated
 # with other values than it was trained with (train/run.py does not compare them).
 RUNTIME_FIELDS = ('remat', 'conditioner_precision')
@@ -52,6 +53,7 @@ class FlowConfig:
   dense_growth: int = 64
   num_landmarks: int = 4
   pinv_iterations: int = 6
+  attention: str = 'official'       # DenseFlow attention: official (the authors' code) | published
   dequantization: str = 'uniform'   # uniform | variational
   conditioner_precision: str = 'auto'  # DenseFlow networks: auto|float32|bfloat16|float16
 
@@ -84,6 +86,7 @@ class FlowConfig:
     _one_of('split_prior', self.split_prior, ('learned', 'standard'))
     _one_of('split', self.split, ('static', 'random', 'lcma', 'lcma_reverse', 'none'))
     _one_of('dequantization', self.dequantization, ('uniform', 'variational'))
+    _one_of('attention', self.attention, ATTENTION_FORMS)
     _one_of('remat', self.remat, REMAT)
     _one_of('conditioner_precision', self.conditioner_precision, PRECISIONS)
     if self.remat != 'none' and not self.step_loop:

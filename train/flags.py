@@ -173,6 +173,9 @@ MODEL_HELP = {
     'dense_growth': 'DenseFlow: channels each dense-block layer adds.',
     'num_landmarks': 'DenseFlow: Nystrom attention landmarks.',
     'pinv_iterations': 'DenseFlow: Nystrom pseudo-inverse iterations.',
+    'attention': 'DenseFlow: attention form of the coupling networks: official (what the '
+                 'authors\' code computes, the paper\'s numbers) or published (Nystrom '
+                 'attention over pixel positions). README, "DenseFlow against the official code".',
     'dequantization': 'Dequantization: uniform or variational.',
     'mar_hidden': 'mAR-SCF: ConvLSTM hidden channels of the prior.',
     'mar_layers': 'mAR-SCF: ConvLSTM layers of the prior.',

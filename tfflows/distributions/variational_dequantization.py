@@ -51,6 +51,7 @@ from bijectors.squeeze import squeeze, unsqueeze
 from tfflows import random
 from tfflows.distributions.priors import DiagonalGaussianPrior
 from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
+from tfflows.nn import torch_init
 from tfflows.nn.precision import dtype_policy_scope
 from tfflows.nn.zero_conv import zero_conv1x1
 
@@ -67,7 +68,7 @@ class DequantizationContext(keras.layers.Layer):
     self.num_bits = int(num_bits)
     self.block1 = DenseBlock(self.depth, self.growth, name='dense1')
     self.gate1 = GatedConv1x1(self.channels, name='gate1')
-    self.down = keras.layers.Conv2D(self.channels, 2, strides=2, name='down')
+    self.down = torch_init.Conv2D(self.channels, 2, strides=2, name='down')
     self.block2 = DenseBlock(self.depth, self.growth, name='dense2')
     self.gate2 = GatedConv1x1(self.channels, name='gate2')
 
@@ -102,7 +103,7 @@ class DequantizationCouplingNet(keras.layers.Layer):
     self.mid_channels = int(mid_channels)
     self.depth = int(depth)
     self.growth = int(growth)
-    self.conv_in = keras.layers.Conv2D(self.mid_channels, 1, name='conv_in')
+    self.conv_in = torch_init.Conv2D(self.mid_channels, 1, name='conv_in')
     self.dense = DenseBlock(self.depth, self.growth, name='dense')
     self.gate = GatedConv1x1(self.mid_channels, name='gate')
     self.conv_out = zero_conv1x1(self.out_channels, name='conv_out')

@@ -42,9 +42,7 @@ Steps: the steps of a unit run as one loop over stacked weights (``bijectors.rep
 ``step_loop=False``: unrolled, the reference), with ``remat='step'`` recomputing each step's
 activations in the backward pass. Units differ in their channel counts, so each is its own loop.
 ``parameter_count(config)`` gives the trainable-parameter breakdown analytically;
-DF-74-10 with variational dequantization has 130,650,846 (the official model: 130,647,294; the
-3,552 difference is the bias of the 96 -> 48 1x1 conv in each of the 74 coupling networks,
-which the official network omits).
+DF-74-10 with variational dequantization has 130,647,294, the official model's count.
 """
 
 import math
@@ -77,7 +75,8 @@ def flow_step(channels, width, config, name, spatial=None):
                                width=width, dense_layers=config.dense_layers,
                                dense_growth=config.dense_growth,
                                num_landmarks=config.num_landmarks,
-                               pinv_iterations=config.pinv_iterations, name=f'{name}_net')
+                               pinv_iterations=config.pinv_iterations,
+                               attention=config.attention, name=f'{name}_net')
     if spatial is not None:
       net.build((None,) + tuple(spatial) + (math.ceil(channels / 2),))
   return [fb.ActNorm(channels, name=f'{name}_actnorm'),
@@ -194,7 +193,7 @@ def _conditioner_params(c_in, c_out, width, dense_layers, dense_growth):
   total += c * 3 * width + 3 * width                             # gated conv
   total += 3 * (width * embed + embed) + embed * width + width   # attention q, k, v, out
   total += 2 * 2 * width                                         # batch norm gamma, beta
-  total += 2 * width * width + width                             # conv_mid
+  total += 2 * width * width                                     # conv_mid (no bias)
   total += width * c_out + c_out                                 # conv_out
   return total
 

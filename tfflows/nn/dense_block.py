@@ -13,10 +13,15 @@ Gated 1x1 convolution to F channels:
 
     [a, b, c] = split(conv1x1(x) -> 3F, 3 ways along channels)
     y = a + b * sigmoid(c)
+
+Every convolution has PyTorch's default initialisation (``tfflows.nn.torch_init``), as in the
+authors' code.
 """
 
 import keras
 import tensorflow as tf
+
+from tfflows.nn import torch_init
 
 
 @keras.saving.register_keras_serializable(package='tfflows')
@@ -37,8 +42,8 @@ class DenseBlock(keras.layers.Layer):
     channels = int(channels)
     spatial = tuple(input_shape[:-1])
     for i in range(self.num_layers):
-      bottleneck = keras.layers.Conv2D(channels, 1, activation='relu', name=f'conv1x1_{i}')
-      conv = keras.layers.Conv2D(self.growth, 3, padding='same', activation='relu',
+      bottleneck = torch_init.Conv2D(channels, 1, activation='relu', name=f'conv1x1_{i}')
+      conv = torch_init.Conv2D(self.growth, 3, padding='same', activation='relu',
                                  name=f'conv3x3_{i}')
       bottleneck.build(spatial + (channels,))
       conv.build(spatial + (channels,))
@@ -68,7 +73,7 @@ class GatedConv1x1(keras.layers.Layer):
   def __init__(self, filters, **kwargs):
     super().__init__(**kwargs)
     self.filters = int(filters)
-    self.conv = keras.layers.Conv2D(3 * self.filters, 1, name='conv')
+    self.conv = torch_init.Conv2D(3 * self.filters, 1, name='conv')
 
   def build(self, input_shape):
     self.conv.build(input_shape)

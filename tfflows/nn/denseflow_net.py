@@ -17,7 +17,7 @@ i.e. Keras momentum 0.9, and epsilon 1e-5. Keras' own momentum 0.99 leaves the s
 for evaluation hundreds of steps behind early in training.
 
 Parameter count with the defaults (w = 48, 7 layers, growth 64, embed 24), C_in = 6,
-out_channels = 12: 1,569,956, of which the dense block is 1,487,696 (95%; its 3x3 convs alone
+out_channels = 12: 1,569,908, of which the dense block is 1,487,696 (95%; its 3x3 convs alone
 968,128). The paper reports "about 1.58M" per coupling network.
 """
 
@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
+from tfflows.nn import torch_init
 from tfflows.nn.nystrom import NystromAttention
 from tfflows.nn.zero_conv import zero_conv1x1
 
@@ -35,7 +36,8 @@ class DenseFlowConditioner(keras.layers.Layer):
   -> conv1x1 -> zero-initialised conv1x1(out_channels)."""
 
   def __init__(self, out_channels, width=48, dense_layers=7, dense_growth=64,
-               attention_embed=None, num_landmarks=4, pinv_iterations=6, **kwargs):
+               attention_embed=None, num_landmarks=4, pinv_iterations=6, attention='official',
+               **kwargs):
     super().__init__(**kwargs)
     self.out_channels = int(out_channels)
     self.width = int(width)
@@ -45,14 +47,16 @@ class DenseFlowConditioner(keras.layers.Layer):
                             else int(attention_embed))
     self.num_landmarks = int(num_landmarks)
     self.pinv_iterations = int(pinv_iterations)
-    self.conv_in = keras.layers.Conv2D(self.width, 1, name='conv_in')
+    self.attention_form = attention
+    self.conv_in = torch_init.Conv2D(self.width, 1, name='conv_in')
     self.dense = DenseBlock(self.dense_layers, self.dense_growth, name='dense_block')
     self.gate = GatedConv1x1(self.width, name='gated_conv')
     self.attention = NystromAttention(self.attention_embed, num_landmarks=self.num_landmarks,
                                       pinv_iterations=self.pinv_iterations,
-                                      output_channels=self.width, name='attention')
+                                      output_channels=self.width, form=attention,
+                                      name='attention')
     self.norm = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name='batch_norm')
-    self.conv_mid = keras.layers.Conv2D(self.width, 1, name='conv_mid')
+    self.conv_mid = torch_init.Conv2D(self.width, 1, use_bias=False, name='conv_mid')
     self.conv_out = zero_conv1x1(self.out_channels, name='conv_out')
 
   def build(self, input_shape):
@@ -80,5 +84,5 @@ class DenseFlowConditioner(keras.layers.Layer):
     config.update(out_channels=self.out_channels, width=self.width,
                   dense_layers=self.dense_layers, dense_growth=self.dense_growth,
                   attention_embed=self.attention_embed, num_landmarks=self.num_landmarks,
-                  pinv_iterations=self.pinv_iterations)
+                  pinv_iterations=self.pinv_iterations, attention=self.attention_form)
     return config

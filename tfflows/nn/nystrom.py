@@ -1,7 +1,8 @@
-"""Nystrom self-attention over pixel positions (Xiong et al. 2021, "Nystromformer").
+"""Nystrom self-attention (Xiong et al. 2021, "Nystromformer") in two forms: the published
+algorithm over pixel positions, and what DenseFlow's official code computes.
 
-Tokens are the N = H * W pixel positions and features the channels: an input x [B, H, W, C]
-is read as a sequence [B, N, C]. Per head (d = embed_dim / num_heads features each):
+``form='published'``: tokens are the N = H * W pixel positions and features the channels; an
+input x [B, H, W, C] is read as a sequence [B, N, C]. Per head (d = embed_dim / num_heads):
 
     [Q, K, V] = x [W_q, W_k, W_v] + [b_q, b_k, b_v]       (one 1x1 conv, C -> 3 * embed_dim)
 
@@ -27,12 +28,34 @@ run for ``pinv_iterations`` steps (the norms are taken per matrix, i.e. per exam
 When m == N the landmarks are the tokens themselves, F = A = B, and O = A pinv(A) A V = A V:
 the exact attention (up to the convergence of the pseudo-inverse).
 
-The heads are concatenated and projected back with a 1x1 conv to the input channel count
-(or ``output_channels``):  y = concat_h(O_h) W_o + b_o, as [B, H, W, C_out].
+``form='official'`` (``official_nystrom_attention``): the computation of the module
+``denseflow/nn/blocks/attention.py::NystromAttention`` of the authors' PyTorch code
+(github.com/matejgrcic/DenseFlow), which produced the paper's results. One head, E = embed_dim:
+
+    T = [W_q; W_k; W_v] x + b                   the 1x1 conv's 3E channels, laid out channel-major
+                                                (PyTorch's NCHW): T[c, p], p = h W + w
+    token t = entries [3E t, 3E (t + 1)) of T's flat channel-major memory, t = 0 .. N - 1:
+    Q_t = its first E entries, K_t the next E, V_t the last E     [N, E] each
+    Q~, K~ = segment means of Q, K (as above), divided by sqrt(N)       [m, E]
+    F = softmax_0(Q K~^T)    [N, m]    softmax_0: normalised over the first axis (the tokens)
+    A = softmax_0(Q~ K~^T)   [m, m]
+    B = softmax_0(Q~ K^T)    [m, N]    (normalised over the landmarks)
+    O = F pinv(A) (B V) + V                                              [N, E]
+    y = W_o O' + b_o,  O' = O's memory read back as channel-major [E, H, W]
+
+So a "token" is a chunk of 3E consecutive values of the channel-major tensor (for E = 24 and
+16 x 16 pixels, 72 values of one or two channels), not a pixel; the softmaxes normalise over
+queries (and landmarks) instead of keys; only the landmarks are scaled, by 1/sqrt(N) rather
+than 1/sqrt(d); and V comes back as a residual. With the published form in its place the
+official model diverged in our side-by-side runs, and tfflows with the published form learned
+slower and less reproducibly than the official code (README, "DenseFlow against the official
+code"); the official form is DenseFlow's default for that reason.
 
 The projections are 1x1 convolutions on the [B, H, W, C] grid (the same weights as dense layers
 over the token sequence, one fused kernel each), and the three input projections share one
 convolution: fewer graph ops per attention layer, which matters with 74 of them in DF-74-10.
+Both convolutions have PyTorch's default initialisation (``tfflows.nn.torch_init``), as in the
+official model.
 
 Divisibility: N must be a multiple of num_landmarks; otherwise ``build`` raises a ValueError
 (no padding: DenseFlow's grids 16x16, 8x8, 4x4 with 4 landmarks always divide). The depthwise
@@ -43,6 +66,10 @@ import math
 
 import keras
 import tensorflow as tf
+
+from tfflows.nn import torch_init
+
+FORMS = ('official', 'published')
 
 
 def exact_softmax_attention(q, k, v):
@@ -92,13 +119,42 @@ def nystrom_attention(q, k, v, num_landmarks, pinv_iterations):
   return tf.matmul(f, tf.matmul(iterative_pinv(a, pinv_iterations), tf.matmul(b, v)))
 
 
+def official_nystrom_attention(q, k, v, num_landmarks, pinv_iterations):
+  """The official DenseFlow computation on its tokens (see the module docstring, form
+  'official'): F pinv(A) (B V) + V with softmaxes over axis -2 and landmarks scaled by
+  1/sqrt(N); q, k, v [B, N, E] with static N divisible by num_landmarks."""
+  scale = tf.cast(1.0 / math.sqrt(q.shape[-2]), q.dtype)
+  q_land = segment_means(q, num_landmarks) * scale
+  k_land = segment_means(k, num_landmarks) * scale
+  f = tf.nn.softmax(tf.matmul(q, k_land, transpose_b=True), axis=-2)        # [N, m]
+  a = tf.nn.softmax(tf.matmul(q_land, k_land, transpose_b=True), axis=-2)   # [m, m]
+  b = tf.nn.softmax(tf.matmul(q_land, k, transpose_b=True), axis=-2)        # [m, N]
+  return tf.matmul(f, tf.matmul(iterative_pinv(a, pinv_iterations), tf.matmul(b, v))) + v
+
+
+def channel_major_tokens(t):
+  """[B, H, W, F] -> [B, H * W, F]: the channel-major (NCHW) memory of t read as H * W rows of
+  F values, as ``reshape(N, H*W, F)`` of an NCHW tensor does."""
+  _, h, w, f = t.shape
+  return tf.reshape(tf.transpose(t, [0, 3, 1, 2]), [-1, h * w, f])
+
+
+def channel_major_image(o, h, w):
+  """[B, H * W, F] -> [B, H, W, F]: the inverse reading, ``reshape(N, F, H, W)`` of o's memory
+  (the official model's output layout), returned channels-last."""
+  f = o.shape[-1]
+  return tf.transpose(tf.reshape(o, [-1, f, h, w]), [0, 2, 3, 1])
+
+
 @keras.saving.register_keras_serializable(package='tfflows')
 class NystromAttention(keras.layers.Layer):
-  """Multi-head self-attention over the H*W pixels of [B, H, W, C], Nystrom-approximated
-  (or exact with ``exact=True``), projected back to C (or ``output_channels``) channels."""
+  """Self-attention on [B, H, W, C] projected back to C (or ``output_channels``) channels:
+  ``form='published'`` (multi-head attention over the H*W pixels, Nystrom-approximated, or
+  exact with ``exact=True``) or ``'official'`` (DenseFlow's official computation, which
+  DenseFlow uses by default). See the module docstring for both."""
 
   def __init__(self, embed_dim, num_landmarks=4, pinv_iterations=6, num_heads=1, exact=False,
-               output_channels=None, **kwargs):
+               output_channels=None, form='published', **kwargs):
     super().__init__(**kwargs)
     self.embed_dim = int(embed_dim)
     self.num_landmarks = int(num_landmarks)
@@ -106,10 +162,17 @@ class NystromAttention(keras.layers.Layer):
     self.num_heads = int(num_heads)
     self.exact = bool(exact)
     self.output_channels = None if output_channels is None else int(output_channels)
+    self.form = form
+    if form not in FORMS:
+      raise ValueError(f'form={form!r} is not one of {", ".join(FORMS)}.')
+    if form == 'official' and (self.num_heads != 1 or self.exact):
+      raise ValueError("form='official' is the official single-head Nystrom computation: it "
+                       f'takes num_heads=1 and exact=False, got num_heads={self.num_heads}, '
+                       f'exact={self.exact}.')
     if self.embed_dim % self.num_heads:
       raise ValueError(f'embed_dim={self.embed_dim} is not divisible by '
                        f'num_heads={self.num_heads}.')
-    self.qkv = keras.layers.Conv2D(3 * self.embed_dim, 1, name='qkv')
+    self.qkv = torch_init.Conv2D(3 * self.embed_dim, 1, name='qkv')
     self.out = None
 
   def build(self, input_shape):
@@ -122,7 +185,7 @@ class NystromAttention(keras.layers.Layer):
       raise ValueError(f'{self.name}: H*W = {h}*{w} = {tokens} pixels is not divisible by '
                        f'num_landmarks={self.num_landmarks}; choose a divisor of {tokens}.')
     out_channels = self.output_channels or c
-    self.out = keras.layers.Conv2D(out_channels, 1, name='out')
+    self.out = torch_init.Conv2D(out_channels, 1, name='out')
     self.qkv.build((None, h, w, c))
     self.out.build((None, h, w, self.embed_dim))
 
@@ -142,6 +205,10 @@ class NystromAttention(keras.layers.Layer):
 
   def call(self, x):
     _, h, w, _ = x.shape
+    if self.form == 'official':
+      q, k, v = tf.split(channel_major_tokens(self.qkv(x)), 3, axis=-1)
+      o = official_nystrom_attention(q, k, v, self.num_landmarks, self.pinv_iterations)
+      return self.out(channel_major_image(o, h, w))
     q, k, v = (self._heads(t) for t in tf.split(self.qkv(x), 3, axis=-1))
     if self.exact:
       o = exact_softmax_attention(q, k, v)
@@ -156,5 +223,5 @@ class NystromAttention(keras.layers.Layer):
     config = super().get_config()
     config.update(embed_dim=self.embed_dim, num_landmarks=self.num_landmarks,
                   pinv_iterations=self.pinv_iterations, num_heads=self.num_heads,
-                  exact=self.exact, output_channels=self.output_channels)
+                  exact=self.exact, output_channels=self.output_channels, form=self.form)
     return config
