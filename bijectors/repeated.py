@@ -129,8 +129,10 @@ class StackedWeights(keras.layers.Layer):
 
   def actnorm_state(self):
     """(uninitialised ActNorms, unscaled channels) over the K steps of the template layers
-    that report them (``bijectors.actnorm.actnorm_state`` sums this over a model)."""
-    reporting = [l for l in self.template_layers if hasattr(l, 'actnorm_state')]
+    and their sublayers that report them (``actnorm_state(model)`` sums this over a model)."""
+    reporting = {id(l): l for t in self.template_layers
+                 for l in t._flatten_layers(include_self=True)  # pylint: disable=protected-access
+                 if hasattr(l, 'actnorm_state')}.values()
     fresh = unscaled = 0
     for k in range(self.num_steps if reporting else 0):
       with keras.StatelessScope(self.slice_mapping(k)):

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfflows.distributions.mar_prior import MARPrior, marps_num_steps, normal_log_prob
-from tfflows.nn import conv_lstm
+from tfflows.nn import conv_lstm, torch_init
 from tfflows.nn.conv_lstm import ConvLSTMStack, dilated_conv2d
 
 tfd = tfp.distributions
@@ -18,7 +18,7 @@ H, W, CL, CR = 4, 4, 3, 2
 
 
 def _prior(context_channels=CR, channels=CL, dilation=1):
-  """A small prior whose zero-initialised head is replaced by random weights."""
+  """A small prior whose head has larger random weights than its initialisation."""
   prior = MARPrior(channels, H, W, context_channels, hidden=8, num_layers=2, kernel_size=3,
                    dilation=dilation, embed_channels=2)
   kernel = prior.head.kernel
@@ -133,8 +133,8 @@ def test_dilated_conv_xla_unknown_batch_and_gradients():
 
 def test_conv_lstm_dilated_gradients_equal_reference(float64, monkeypatch):
   """The whole stack at dilation 2 on a 7x5 grid: output and weight gradients equal those of
-  the stack computed with the zero-inserted reference convolution; the weights keep the
-  layout of a tf.nn.conv2d kernel (names and shapes), so checkpoints are unchanged."""
+  the stack computed with the zero-inserted reference convolution; the kernels keep the
+  layout of a tf.nn.conv2d kernel, and each convolution has its own bias."""
   stack = ConvLSTMStack(hidden=4, num_layers=2, kernel_size=5, dilation=2)
   seq = _normal([2, 3, 7, 5, 2], tf.float64)
 
@@ -149,7 +149,8 @@ def test_conv_lstm_dilated_gradients_equal_reference(float64, monkeypatch):
   for a, b in zip(ours, run()):
     np.testing.assert_allclose(a, b, atol=1e-12)
   assert [(w.name, tuple(w.shape)) for w in stack.cells[1].weights] == [
-      ('input_kernel', (5, 5, 4, 16)), ('recurrent_kernel', (5, 5, 4, 16)), ('bias', (16,))]
+      ('input_kernel', (5, 5, 4, 16)), ('recurrent_kernel', (5, 5, 4, 16)),
+      ('input_bias', (16,)), ('recurrent_bias', (16,))]
 
 
 _WITHOUT_ONEDNN = """
@@ -174,7 +175,8 @@ def test_dilated_prior_trains_without_onednn():
   result = subprocess.run([sys.executable, '-c', _WITHOUT_ONEDNN], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split()[-2:] == ['ok', str(2 * 3 + 4 + 2)]
+  # 2 cells x (W_x, W_h, b_x, b_h), embed 2 x (kernel, bias), input conv and head likewise
+  assert result.stdout.split()[-2:] == ['ok', str(2 * 4 + 4 + 2 + 2)]
 
 
 # -- density -------------------------------------------------------------------------------
@@ -194,12 +196,32 @@ def test_log_prob_equals_sequential_conditionals(float64, context_channels):
   assert prior.num_sequential_steps == CL
 
 
-def test_log_prob_is_normalised_at_init():
-  """With the zero-initialised head the prior is N(0, I)."""
+def test_log_prob_with_a_zero_head_is_standard_normal():
+  """With a zero head (mu = 0, log sigma = 0) the prior is N(0, I)."""
   prior = MARPrior(CL, H, W, CR, hidden=8, num_layers=2, kernel_size=3)
+  prior.head.kernel.assign(tf.zeros_like(prior.head.kernel))
+  prior.head.bias.assign(tf.zeros_like(prior.head.bias))
   l = _normal([2, H, W, CL])
   expected = tf.reduce_sum(tfd.Normal(0., 1.).log_prob(l), axis=[1, 2, 3])
   np.testing.assert_allclose(prior.log_prob(l, _normal([2, H, W, CR])), expected, rtol=1e-5)
+
+
+def test_initialisation_follows_the_official_prior():
+  """The official mAR-SCF prior's initialisation (PyTorch's): every ConvLSTM weight, both
+  biases included, ~ U(-1/sqrt(h), 1/sqrt(h)); the input conv (k x k to h channels, applied to
+  [l^(j-1), embed(r)]), the head and the embedding convs with PyTorch's conv default."""
+  keras.utils.set_random_seed(0)
+  hidden = 16
+  prior = MARPrior(CL, H, W, CR, hidden=hidden, num_layers=2, kernel_size=5, embed_channels=4)
+  bound = 1. / np.sqrt(hidden)
+  for cell in prior.lstm.cells:
+    for w in cell.weights:
+      values = w.numpy()
+      assert np.abs(values).max() <= bound and np.abs(values).max() > 0.8 * bound
+  assert tuple(prior.input_conv.kernel.shape) == (5, 5, 1 + 4, hidden)
+  convs = [prior.input_conv, prior.head] + [l for l in prior.embed.layers]
+  assert all(isinstance(c, torch_init.Conv2D) for c in convs)
+  assert np.any(prior.head.kernel.numpy())
 
 
 # -- sampling ------------------------------------------------------------------------------
@@ -325,5 +347,5 @@ def test_keras_tracks_weights():
   names = [w.path for w in prior.trainable_weights]
   assert len(names) == len(set(names))
   assert any('embed' in n for n in names) and any('head' in n for n in names)
-  assert sum('cell' in n for n in names) == 2 * 3  # 2 layers x (W_x, W_h, b)
+  assert sum('cell' in n for n in names) == 2 * 4  # 2 layers x (W_x, W_h, b_x, b_h)
   assert isinstance(prior.lstm, keras.layers.Layer)

@@ -138,3 +138,20 @@ def test_seeded_log_prob_is_deterministic(tiny):
   assert not np.array_equal(a, tiny.log_prob(images, seed=6).numpy())
   np.testing.assert_array_equal(tiny.log_prob(images, num_samples=3, seed=2),
                                 tiny.log_prob(images, num_samples=3, seed=2))
+
+
+def test_glow_coupling_networks_normalise_their_hidden_layers_from_data():
+  """Glow's coupling network as the reference code has it: bias-free hidden convolutions, each
+  followed by an ActNorm. The data-dependent initialisation reaches them inside the steps'
+  loop (3 steps a level, stacked weights): before it every step reports 3 uninitialised
+  ActNorms (its own and its network's two), after it none, and each step's first network
+  ActNorm got statistics of its own (different steps, different values)."""
+  from bijectors import actnorm
+  model = tfflows.build_model(tfflows.FlowConfig(**TINY['glow']))
+  assert actnorm.actnorm_state(model)[0] == 3 * 2 * 3
+  model.initialize(_images(8))
+  assert actnorm.actnorm_state(model) == (0, 0)
+  stacked = [l for l in model._flatten_layers() if hasattr(l, 'template_layers')]
+  locs = [l.stacked(t.loc).numpy() for l in stacked for t in l.template_layers
+          for t in t._flatten_layers() if t.name == 'norm_in']
+  assert locs and all(np.all(loc != 0) and not np.allclose(loc[0], loc[1]) for loc in locs)

@@ -347,3 +347,23 @@ def test_denseflow_conditioner_parameter_count():
   assert net.count_params() == 1_569_908
   assert 1.55e6 < net.count_params() < 1.60e6
   assert net.dense.count_params() == 1_487_696
+
+
+def test_glow_conditioner_hidden_layers_as_the_reference_code():
+  """conv (no bias, kernel ~ N(0, 0.05^2)) -> ActNorm -> ReLU, twice: after the data-dependent
+  initialisation on a batch the hidden pre-activations of that batch have zero mean and unit
+  variance per channel."""
+  from bijectors import actnorm
+  keras.utils.set_random_seed(0)
+  net = nn.GlowConditioner(64, 6)
+  x = tf.random.normal([8, 8, 8, 16])
+  net(x)
+  assert not net.conv_in.use_bias and not net.conv_mid.use_bias
+  np.testing.assert_allclose(np.std(net.conv_in.kernel.numpy()), 0.05, rtol=0.05)
+  with actnorm.data_initialization():
+    net(x)
+  h = net.norm_in(net.conv_in(x))
+  h2 = net.norm_mid(net.conv_mid(tf.nn.relu(h)))
+  for a in (h, h2):
+    np.testing.assert_allclose(np.mean(a.numpy(), axis=(0, 1, 2)), 0., atol=1e-4)
+    np.testing.assert_allclose(np.std(a.numpy(), axis=(0, 1, 2)), 1., rtol=1e-3)

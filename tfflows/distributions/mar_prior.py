@@ -3,14 +3,23 @@
 At a split level the latent l [B, H, W, Cl] is factored out and r [B, H, W, Cr] goes on. The
 prior treats the channels of l as time steps of a convolutional LSTM:
 
-    p(l | r) = prod_j N(l^j; mu^j, sigma^j),   (mu^j, log sigma^j) = head(LSTM_j(x_1..x_j))
-    x_j = [l^(j-1), e],   l^0 = 0,   e = embed(r) = conv5x5(->E)(ReLU(conv5x5(->32)(r)))
+    p(l | r) = prod_j N(l^j; mu^j, sigma^j),   (mu^j, log sigma^j) = head(LSTM_j(u_1..u_j))
+    u_j = input_conv(x_j),   x_j = [l^(j-1), e],   l^0 = 0,
+    e = embed(r) = conv5x5(->E)(ReLU(conv5x5(->32)(r)))
 
-per pixel, with x_j concatenated along channels. At the last level there is no r: the input is
-l^(j-1) alone (unconditional prior). head is a 3x3 conv to 2 channels, zero-initialised so that
-the prior starts as N(0, I); its log-scale output is bounded softly,
+per pixel, with x_j concatenated along channels; input_conv is a k x k convolution to the
+LSTM's hidden channels (k the LSTM's kernel size, no dilation) applied to every x_j. At the last
+level there is no r: x_j is l^(j-1) alone (unconditional prior). head is a 3x3 conv to 2
+channels; its log-scale output is bounded softly,
 
     log sigma = b * tanh(raw / b),   b = log_sigma_bound (4 by default: sigma in (0.018, 55)).
+
+This is the official mAR-SCF prior (visinf/mar-scf, ``mar_prior/lstm.py::ConvSeqEncoder`` and
+``corr_prior.py``): its convolutions have PyTorch's default initialisation
+(``tfflows.nn.torch_init``) and its ConvLSTM PyTorch's LSTM initialisation
+(``tfflows.nn.conv_lstm``), so the prior does not start exactly at N(0, I). The soft bound is
+tfflows' own (the official log-scale is unbounded); it is the identity to within 1% for
+|log sigma| < 0.7 and keeps a collapsing channel from producing infinite densities.
 
 log_prob is teacher-forced: all inputs x_j are known, so the LSTM runs over the Cl channels in
 one call (input convolutions in parallel, the recurrence scanned). sample draws the channels
@@ -28,6 +37,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bijectors import batching
+from tfflows.nn import torch_init
 from tfflows.nn.conv_lstm import ConvLSTMStack
 
 tfd = tfp.distributions
@@ -81,12 +91,14 @@ class MARPrior(keras.layers.Layer):
     if context_channels is not None:
       self.embed = keras.Sequential([
           keras.Input((height, width, context_channels)),
-          keras.layers.Conv2D(32, 5, padding='same', activation='relu'),
-          keras.layers.Conv2D(embed_channels, 5, padding='same')], name='embed')
+          torch_init.Conv2D(32, 5, padding='same', activation='relu'),
+          torch_init.Conv2D(embed_channels, 5, padding='same')], name='embed')
     in_channels = 1 + (0 if self.embed is None else embed_channels)
+    self.input_conv = torch_init.Conv2D(hidden, kernel_size, padding='same', name='input_conv')
+    self.input_conv.build((None, height, width, in_channels))
     self.lstm = ConvLSTMStack(hidden, num_layers, kernel_size, dilation, name='lstm')
-    self.lstm.build((None, None, height, width, in_channels))
-    self.head = keras.layers.Conv2D(2, 3, padding='same', kernel_initializer='zeros', name='head')
+    self.lstm.build((None, None, height, width, hidden))
+    self.head = torch_init.Conv2D(2, 3, padding='same', name='head')
     self.head.build((None, height, width, hidden))
 
   def get_config(self):
@@ -114,6 +126,8 @@ class MARPrior(keras.layers.Layer):
     if embedded is not None:
       tiled = tf.repeat(embedded[:, None], c, axis=1)
       seq = tf.concat([seq, tf.cast(tiled, seq.dtype)], axis=-1)
+    seq = self.input_conv(tf.reshape(seq, [-1, self.height, self.width, seq.shape[-1]]))
+    seq = tf.reshape(seq, [-1, c, self.height, self.width, seq.shape[-1]])
     out = self.lstm(seq)
     out = tf.reshape(out, [-1, self.height, self.width, out.shape[-1]])
     params = tf.reshape(self.head(out), [-1, c, self.height, self.width, 2])
@@ -150,7 +164,7 @@ class MARPrior(keras.layers.Layer):
     """One autoregressive step: l^(j-1) [B, H, W, 1], embed(r) or None, LSTM state ->
     (mu^j, log sigma^j) [B, H, W, 1] and the new state."""
     x = prev if embedded is None else tf.concat([prev, tf.cast(embedded, prev.dtype)], -1)
-    out, state = self.lstm.step(x, state)
+    out, state = self.lstm.step(self.input_conv(x), state)
     params = self.head(out)
     return params[..., :1], self._bound(params[..., 1:]), state
 

@@ -1,5 +1,6 @@
 """Keras layers used as coupling conditioners (channels-last, input [B, H, W, C])."""
 
+from tfflows.nn.actnorm import ActNormLayer
 from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
 from tfflows.nn.denseflow_net import DenseFlowConditioner
 from tfflows.nn.flowpp_net import (GatedResidualAttentionNet, GatedResidualConv,
@@ -11,7 +12,7 @@ from tfflows.nn.resnet import ResNetConditioner, WeightNormConv2D, weight_norm_s
 from tfflows.nn.zero_conv import ZeroConv2D, zero_conv1x1
 
 __all__ = [
-    'DenseBlock', 'DenseFlowConditioner', 'GatedConv1x1', 'GatedResidualAttentionNet',
+    'ActNormLayer', 'DenseBlock', 'DenseFlowConditioner', 'GatedConv1x1', 'GatedResidualAttentionNet',
     'GatedResidualConv', 'GatedSelfAttention', 'GlowConditioner', 'NystromAttention',
     'ResNetConditioner', 'WeightNormConv2D', 'ZeroConv2D', 'concat_elu',
     'exact_softmax_attention', 'iterative_pinv', 'nystrom_attention', 'segment_means',

@@ -2,12 +2,16 @@
 
 One cell (Shi et al. 2015, without peepholes), per pixel and with * a 'same' convolution:
 
-    [i, f, g, o] = W_x * x_t + W_h * h_(t-1) + b
+    [i, f, g, o] = W_x * x_t + b_x + W_h * h_(t-1) + b_h
     c_t = sigmoid(f) c_(t-1) + sigmoid(i) tanh(g)
     h_t = sigmoid(o) tanh(c_t)
 
 Both convolutions have a k x k kernel with the given dilation (``dilated_conv2d``: forward and
-gradient on every CPU kernel set and under XLA); the forget-gate bias starts at 1.
+gradient on every CPU kernel set and under XLA). As in PyTorch's LSTM, and in the ConvLSTM of
+the official mAR-SCF code (``mar_prior/convolutional_rnn``), each convolution has its own bias
+(b_x and b_h: two weights whose sum is the gate bias, so under Adam-type optimisers the gate
+bias moves twice as fast as one bias would) and every weight starts ~ U(-1/sqrt(h), 1/sqrt(h)),
+h the hidden channels.
 Layer l of the stack reads the hidden states h of layer l-1 (layer 1 reads x); the
 stack outputs the hidden states of the top layer.
 
@@ -29,7 +33,8 @@ import tensorflow as tf
 
 
 class ConvLSTMCell(keras.layers.Layer):
-  """One ConvLSTM cell; the weights are W_x [k, k, Cin, 4h], W_h [k, k, h, 4h] and b [4h]."""
+  """One ConvLSTM cell; the weights are W_x [k, k, Cin, 4h], W_h [k, k, h, 4h], b_x and
+  b_h [4h]."""
 
   def __init__(self, hidden, kernel_size=5, dilation=1, **kwargs):
     super().__init__(**kwargs)
@@ -43,23 +48,29 @@ class ConvLSTMCell(keras.layers.Layer):
 
   def build(self, input_shape):
     k, h = self.kernel_size, self.hidden
-    self.input_kernel = self.add_weight(shape=(k, k, input_shape[-1], 4 * h),
-                                        initializer='glorot_uniform', name='input_kernel')
-    self.recurrent_kernel = self.add_weight(shape=(k, k, h, 4 * h),
-                                            initializer='orthogonal', name='recurrent_kernel')
-    self.bias = self.add_weight(shape=(4 * h,), initializer=_unit_forget_bias, name='bias')
+    bound = 1. / h ** 0.5
+
+    def weight(shape, name):
+      return self.add_weight(shape=shape, name=name,
+                             initializer=keras.initializers.RandomUniform(-bound, bound))
+
+    self.input_kernel = weight((k, k, input_shape[-1], 4 * h), 'input_kernel')
+    self.recurrent_kernel = weight((k, k, h, 4 * h), 'recurrent_kernel')
+    self.input_bias = weight((4 * h,), 'input_bias')
+    self.recurrent_bias = weight((4 * h,), 'recurrent_bias')
 
   def _conv(self, x, kernel):
     return dilated_conv2d(x, tf.cast(kernel, x.dtype), self.dilation)
 
   def input_gates(self, x):
-    """W_x * x + b for x [N, H, W, Cin] -> [N, H, W, 4h]."""
-    return self._conv(x, self.input_kernel) + tf.cast(self.bias, x.dtype)
+    """W_x * x + b_x for x [N, H, W, Cin] -> [N, H, W, 4h]."""
+    return self._conv(x, self.input_kernel) + tf.cast(self.input_bias, x.dtype)
 
   def recur(self, x_gates, state):
     """One recurrence given the precomputed input gates; state = (h, c) -> (h', (h', c'))."""
     h, c = state
-    gates = x_gates + self._conv(h, self.recurrent_kernel)
+    gates = x_gates + self._conv(h, self.recurrent_kernel) + tf.cast(self.recurrent_bias,
+                                                                    x_gates.dtype)
     i, f, g, o = tf.split(gates, 4, axis=-1)
     c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
     h = tf.sigmoid(o) * tf.tanh(c)
@@ -96,12 +107,6 @@ def dilated_conv2d(x, kernel, dilation):
   if dilation < 1:
     raise ValueError(f'dilation must be >= 1, got {dilation}')
   return tf.nn.convolution(x, kernel, strides=1, padding='SAME', dilations=dilation)
-
-
-def _unit_forget_bias(shape, dtype=None):
-  """Bias initialiser for the gates [i, f, g, o]: 1 for the forget gate, 0 elsewhere."""
-  h = shape[0] // 4
-  return tf.concat([tf.zeros([h], dtype), tf.ones([h], dtype), tf.zeros([2 * h], dtype)], 0)
 
 
 class ConvLSTMStack(keras.layers.Layer):

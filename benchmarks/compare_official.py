@@ -1,13 +1,17 @@
-"""tfflows' DenseFlow against the official PyTorch DenseFlow: the same data, model and budget.
+"""tfflows against the authors' PyTorch code: the same data, model and budget, several seeds.
 
-Trains ``configs/mnist.flags`` (float32 networks unless --tfflows_flags says otherwise) with
-``python -m train.main`` and the official model with ``official_train.py`` (the same data,
-optimiser, schedule, clipping and scoring; see its docstring), for every seed, one process a
-core, and prints the test bits/dim at epochs 2, 4 and 8 (one-sample bound) and the final
-importance-weighted estimate (k = 16) per run, then the mean and spread per side.
+--model=denseflow trains ``configs/mnist.flags`` with ``python -m train.main`` (float32
+networks unless --tfflows_flags says otherwise) and the official DenseFlow
+(github.com/matejgrcic/DenseFlow) with ``denseflow_official/official_train.py``;
+--model=marscf trains ``configs/marscf_affine_mnist.flags`` and the official mAR-SCF
+(github.com/visinf/mar-scf) with ``marscf_official/official_train.py``. Each official program
+gives its model the data, optimiser, schedule, clipping and scoring of the flagfile (see its
+docstring). Every (side, seed) runs as its own process on one thread, --parallel at a time; the
+table has the test bits/dim (one-sample bound, after each of the shown epochs) and the final
+importance-weighted estimate (k = 16) per run, then the mean, standard deviation and range.
 
-    python benchmarks/denseflow_official/compare.py --official_repo=/path/to/DenseFlow \\
-        --torch_python=/path/to/venv/bin/python --seeds=0,1,2 --out_dir=runs/compare
+    python benchmarks/compare_official.py --model=denseflow --official_repo=/path/to/DenseFlow \\
+        --torch_python=/path/to/venv/bin/python --seeds=0,1,2 --out_dir=runs/compare_denseflow
 
 Each run writes ``OUT_DIR/<label>_s<seed>.json`` and is skipped when that file exists, so an
 interrupted comparison resumes, and further arms (``--label=... --tfflows_flags=...`` or
@@ -28,15 +32,20 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
 EPOCH_LINE = re.compile(r'epoch (\d+), step (\d+): train ([\d.]+) bits/dim, test ([\d.]+) '
                         r'bits/dim, .* mean gradient norm ([\d.e+]+)')
-COLUMNS = (('epoch 2', 2), ('epoch 4', 4), ('epoch 8', 8))
+# model: (flagfile, official program, epochs shown)
+MODELS = {'denseflow': ('configs/mnist.flags', 'denseflow_official/official_train.py', (2, 4, 8)),
+          'marscf': ('configs/marscf_affine_mnist.flags', 'marscf_official/official_train.py',
+                     (1, 2, 3))}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--official_repo', default='', help='checkout of matejgrcic/DenseFlow')
+  p.add_argument('--model', default='denseflow', choices=sorted(MODELS))
+  p.add_argument('--official_repo', default='',
+                 help='checkout of the authors\' code (matejgrcic/DenseFlow, visinf/mar-scf)')
   p.add_argument('--torch_python', default=sys.executable,
                  help='a Python with torch and numpy, for the official side')
   p.add_argument('--tfflows_python', default=sys.executable)
@@ -44,23 +53,22 @@ def parse_args(argv=None):
   p.add_argument('--sides', default='tfflows,official')
   p.add_argument('--label', default='', help='row label prefix of this arm (default: the side)')
   p.add_argument('--tfflows_flags', default='--conditioner_precision=float32',
-                 help='extra flags of train.main after --flagfile=configs/mnist.flags')
+                 help='extra flags of train.main after the flagfile')
   p.add_argument('--official_flags', default='', help='extra flags of official_train.py')
   p.add_argument('--parallel', type=int, default=2, help='runs at a time (one thread each)')
-  p.add_argument('--out_dir', default=os.path.join(ROOT, 'runs', 'compare_denseflow'))
+  p.add_argument('--out_dir', default='', help='default: runs/compare_<model>')
   p.add_argument('--report', action='store_true', help='only print the table')
   return p.parse_args(argv)
 
 
 def one_thread_env():
-  env = dict(os.environ, TF_NUM_INTRAOP_THREADS='1', TF_NUM_INTEROP_THREADS='1',
-             OMP_NUM_THREADS='1', TF_CPP_MIN_LOG_LEVEL='2')
-  return env
+  return dict(os.environ, TF_NUM_INTRAOP_THREADS='1', TF_NUM_INTEROP_THREADS='1',
+              OMP_NUM_THREADS='1', TF_CPP_MIN_LOG_LEVEL='2')
 
 
 def run_tfflows(args, seed, label, out):
   workdir = os.path.join(args.out_dir, f'{label}_s{seed}')
-  cmd = [args.tfflows_python, '-m', 'train.main', '--flagfile=configs/mnist.flags',
+  cmd = [args.tfflows_python, '-m', 'train.main', f'--flagfile={MODELS[args.model][0]}',
          '--mode=train,eval', f'--seed={seed}', f'--workdir={workdir}',
          *shlex.split(args.tfflows_flags)]
   log = _run(cmd, workdir + '.log')
@@ -81,7 +89,7 @@ def run_official(args, seed, label, out):
   if not args.official_repo:
     raise SystemExit('--official_repo is required for the official side.')
   raw = out + '.raw'
-  cmd = [args.torch_python, os.path.join(HERE, 'official_train.py'),
+  cmd = [args.torch_python, os.path.join(HERE, MODELS[args.model][1]),
          f'--official_repo={args.official_repo}', f'--seed={seed}', '--threads=1',
          f'--out={raw}', *shlex.split(args.official_flags)]
   _run(cmd, out[:-len('.json')] + '.log')
@@ -123,19 +131,20 @@ def test_at(result, epoch):
   return float('nan')
 
 
-def table(out_dir):
+def table(out_dir, shown):
   """Markdown rows: one per run, then mean +- standard deviation (and range) per label."""
   runs = {}
   for path in sorted(glob.glob(os.path.join(out_dir, '*_s*.json'))):
     with open(path, encoding='utf-8') as f:
       r = json.load(f)
     runs.setdefault(r['label'], []).append(r)
-  header = ['run', 'seed'] + [c for c, _ in COLUMNS] + ['epoch 8: IW k=16', 'max epoch grad norm']
+  header = (['run', 'seed'] + [f'epoch {e}' for e in shown]
+            + [f'epoch {shown[-1]}: IW k=16', 'max epoch grad norm'])
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for label, results in runs.items():
     values = []
     for r in sorted(results, key=lambda r: r['seed']):
-      row = [test_at(r, e) for _, e in COLUMNS] + [r['final_iw']]
+      row = [test_at(r, e) for e in shown] + [r['final_iw']]
       values.append(row)
       grad = max(e.get('grad_norm_mean', float('nan')) for e in r['epochs'])
       lines.append(f'| {label} | {r["seed"]} | ' + ' | '.join(f'{v:.3f}' for v in row)
@@ -150,6 +159,7 @@ def table(out_dir):
 
 def main(argv=None):
   args = parse_args(argv)
+  args.out_dir = args.out_dir or os.path.join(ROOT, 'runs', f'compare_{args.model}')
   os.makedirs(args.out_dir, exist_ok=True)
   if not args.report:
     seeds = [int(s) for s in args.seeds.split(',')]
@@ -158,7 +168,7 @@ def main(argv=None):
       futures = [pool.submit(run_one, args, side, seed) for side, seed in jobs]
       for future in concurrent.futures.as_completed(futures):
         future.result()
-  print(table(args.out_dir))
+  print(table(args.out_dir, MODELS[args.model][2]))
 
 
 if __name__ == '__main__':
