@@ -90,9 +90,9 @@ class MARPrior(keras.layers.Layer):
     self.embed = None
     if context_channels is not None:
       self.embed = keras.Sequential([
-          keras.Input((height, width, context_channels)),
           torch_init.Conv2D(32, 5, padding='same', activation='relu'),
           torch_init.Conv2D(embed_channels, 5, padding='same')], name='embed')
+      self.embed.build((None, height, width, context_channels))
     in_channels = 1 + (0 if self.embed is None else embed_channels)
     self.input_conv = torch_init.Conv2D(hidden, kernel_size, padding='same', name='input_conv')
     self.input_conv.build((None, height, width, in_channels))
