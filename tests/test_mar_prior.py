@@ -224,10 +224,15 @@ def test_initialisation_follows_the_official_prior():
   assert np.any(prior.head.kernel.numpy())
 
 
-def test_context_embedding_computes_in_the_model_dtype(float64):
-  """embed(r) runs its convolutions in the model's dtype: a float64 context is not rounded to
-  float32 on the way in (as a keras.Input of the default dtype would do)."""
-  prior = _prior()
+def test_context_embedding_computes_in_the_model_dtype():
+  """embed(r) runs its convolutions in the dtype policy's dtype: under a float64 policy (with
+  Keras' floatx left at float32) a float64 context is not rounded to float32 on the way in, as
+  a keras.Input of the default dtype would do."""
+  keras.config.set_dtype_policy('float64')
+  try:
+    prior = _prior()
+  finally:
+    keras.config.set_dtype_policy('float32')
   r = 1. + 1e-3 * _normal([2, H, W, CR], tf.float64)
   conv1, conv2 = prior.embed.layers
   np.testing.assert_allclose(prior.embed_context(r), conv2(conv1(r)), rtol=1e-14, atol=0)
