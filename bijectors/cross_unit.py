@@ -24,7 +24,8 @@ i = 2, 3 c_0 + g for i = 3, ...). This is the official DF-74-10 model's context,
 count (130,647,294) the builder reproduces. ``include_previous=True`` appends y_{i-1} as well
 (the widest possible context; more parameters).
 
-g_i = conv3x3 (k -> 4k, ReLU) -> conv1x1 (4k -> 2g, zero-initialised), k = context channels;
+g_i = conv3x3 (k -> 4k, ReLU; PyTorch's default initialisation, as the official model's
+``_BNReLUConv``) -> conv1x1 (4k -> 2g, zero-initialised), k = context channels;
 its output is split into (mu_i, u_i) along channels, mu first. At initialisation mu = 0 and
 sigma = 1, so eta_i = e_i.
 
@@ -82,7 +83,7 @@ class CrossUnitNet(keras.layers.Layer):
                        f'got shape {input_shape}.')
     spatial = tuple(input_shape[:-1])
     self.hidden = torch_init.Conv2D(self.hidden_multiplier * int(channels), 3, padding='same',
-                                      activation='relu', name='conv3x3')
+                                    activation='relu', name='conv3x3')
     self.hidden.build(input_shape)
     self.out.build(spatial + (self.hidden_multiplier * int(channels),))
 

@@ -44,7 +44,7 @@ class DenseBlock(keras.layers.Layer):
     for i in range(self.num_layers):
       bottleneck = torch_init.Conv2D(channels, 1, activation='relu', name=f'conv1x1_{i}')
       conv = torch_init.Conv2D(self.growth, 3, padding='same', activation='relu',
-                                 name=f'conv3x3_{i}')
+                               name=f'conv3x3_{i}')
       bottleneck.build(spatial + (channels,))
       conv.build(spatial + (channels,))
       self.bottlenecks.append(bottleneck)

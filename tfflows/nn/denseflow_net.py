@@ -8,7 +8,17 @@ For an input x [B, H, W, C_in] and width w:
     a = GatedConv1x1(DenseBlock(h)) -> w        dense block: w -> w + L * growth channels
     b = NystromAttention(h) -> w                 embed dim w / 2, m landmarks, pinv iterations
     u = ReLU(BatchNorm(concat(a, b)))            2w channels
-    y = zero_conv1x1(conv1x1(u) -> w) -> out_channels
+    y = zero_conv1x1(conv1x1(u) -> w) -> out_channels      (the conv1x1 has no bias)
+
+This is the official model's ``DenseNetMultihead`` with one ``MultiHeadDenseBlock``
+(``denseflow/nn/nets/matching/densenet.py``, ``denseflow/nn/blocks/denseblock.py``): the same
+layers, the same bias-free 2w -> w convolution, PyTorch's default initialisation of every
+convolution (``tfflows.nn.torch_init``) and, with ``attention='official'`` (the default), the
+attention its ``NystromAttention`` computes (``tfflows.nn.nystrom``, form 'official';
+'published' is the Nystromformer algorithm over pixels). Given the same weights the two compute
+the same outputs and gradients (``benchmarks/denseflow_official/equivalence_*.py``). The
+official block concatenates (attention, dense), this one (dense, attention): a permutation of
+the 2w channels, which batch norm and the next 1x1 conv absorb.
 
 The final 1x1 conv has zero kernel and bias, so y == 0 at initialisation and the coupling it
 drives starts as the identity. Batch norm follows Keras' ``training`` argument, with PyTorch's
@@ -24,8 +34,8 @@ out_channels = 12: 1,569,908, of which the dense block is 1,487,696 (95%; its 3x
 import keras
 import tensorflow as tf
 
-from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
 from tfflows.nn import torch_init
+from tfflows.nn.dense_block import DenseBlock, GatedConv1x1
 from tfflows.nn.nystrom import NystromAttention
 from tfflows.nn.zero_conv import zero_conv1x1
 
