@@ -11,8 +11,8 @@ by an ActNorm (``tfflows.nn.actnorm.ActNormLayer``: per-channel loc and log-scal
 from the first training batch so that its output has zero mean and unit variance per channel).
 This is the network of the reference Glow code (openai/glow, ``model.py``: ``conv2d`` with
 ``actnorm``) and of mAR-SCF's (visinf/mar-scf, ``flow_modules/affine_coupling.py``:
-``NN_net``), whose learning curve tfflows' mAR-SCF follows with it (README, "mAR-SCF against
-the official code"). Because the last conv is zero-initialised, y == 0 at initialisation.
+``NN_net``), whose learning curve tfflows' mAR-SCF follows with it
+(docs/official_comparison.md). Because the last conv is zero-initialised, y == 0 at initialisation.
 """
 
 import keras

@@ -46,10 +46,10 @@ the exact attention (up to the convergence of the pseudo-inverse).
 So a "token" is a chunk of 3E consecutive values of the channel-major tensor (for E = 24 and
 16 x 16 pixels, 72 values of one or two channels), not a pixel; the softmaxes normalise over
 queries (and landmarks) instead of keys; only the landmarks are scaled, by 1/sqrt(N) rather
-than 1/sqrt(d); and V comes back as a residual. With the published form in its place the
-official model diverged in our side-by-side runs, and tfflows with the published form learned
-slower and less reproducibly than the official code (README, "DenseFlow against the official
-code"); the official form is DenseFlow's default for that reason.
+than 1/sqrt(d); and V comes back as a residual. The paper's numbers come from this
+computation, so it is DenseFlow's default (``FlowConfig.attention``); trained side by side
+(docs/official_comparison.md), the published form's test figure after two epochs blew up in
+two of three runs. The layer's own default is the published form.
 
 The projections are 1x1 convolutions on the [B, H, W, C] grid (the same weights as dense layers
 over the token sequence, one fused kernel each), and the three input projections share one

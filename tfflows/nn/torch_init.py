@@ -9,8 +9,8 @@ kernel and bias, with fan_in = kernel_h * kernel_w * in_channels, as
 
 Keras' defaults differ: Glorot-uniform kernels, U(-sqrt(6/(fan_in + fan_out)), ...), and zero
 biases. For DenseFlow's 1x1 convolutions c -> c that is a kernel variance 3 times PyTorch's, and
-trained side by side on the same data the official model learned slower with Keras'
-initialisation (README, "DenseFlow against the official code").
+trained side by side on the same data tfflows' DenseFlow learned slower with Keras'
+initialisation (docs/official_comparison.md).
 
 The kernel initialiser is Keras' own ``VarianceScaling(scale=1/3, mode='fan_in',
 distribution='uniform')`` (bound sqrt(3 * scale / fan_in) = 1/sqrt(fan_in)); the bias bound
