@@ -317,6 +317,7 @@ def test_lost_worker_message_names_the_cause_and_the_checkpoint():
   assert 'No checkpoint was written yet.' in distributed.worker_lost_message(error, None)
 
 
+@pytest.mark.slow  # about 30 s on 2 cores: two TF programs' start-up and tracing
 def test_scaling_benchmark_runs():
   """python -m train.benchmark_scaling (one device and 2 mirrored replicas, tiny config) runs
   to its table: the program behind the README's scaling figures."""

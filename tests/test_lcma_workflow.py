@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from tests.test_train import _main
 from train import modes
@@ -14,6 +15,7 @@ TINY_REALNVP = ['--model=realnvp', '--num_scales=2', '--res_blocks=1', '--base_w
                 '--bn_refresh_batches=1']
 
 
+@pytest.mark.slow  # about 50 s on 2 cores; tests/test_lcma.py runs the same workflow through the API
 def test_two_phase_workflow_end_to_end(tmp_path):
   pretrain, final = str(tmp_path / 'pretrain'), str(tmp_path / 'lcma')
   masks = str(tmp_path / 'lcma' / 'lcma_masks.npz')
