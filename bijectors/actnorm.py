@@ -3,6 +3,11 @@
     y = (x + loc) * exp(log_scale)                 per channel, loc and log_scale [C]
     log|det dy/dx| = H * W * sum_c log_scale_c     per event
 
+The log-det depends on the weights but not on x, so the bijector declares
+``is_constant_jacobian=True`` (TFP's contract, as the 1x1 convolution does); inside data
+initialisation it reads x's statistics through ``tf.stop_gradient``, so even there it has no
+gradient with respect to x.
+
 The weights and their data-dependent initialisation (inside ``data_initialization()``, which
 ``FlowModel.initialize`` opens for one pass over a training batch) belong to the Keras layer
 ``tfflows.nn.actnorm.ActNormLayer``; see there. The forward map is pure outside that scope,
@@ -26,7 +31,7 @@ class ActNorm(base.FlowBijector):
   def __init__(self, channels, min_std=MIN_STD, name='act_norm'):
     self.params = ActNormLayer(channels, min_std=min_std, name=name)
     self.channels = channels  # the base class checks inputs against it
-    super().__init__(name=name, layers=[self.params])
+    super().__init__(name=name, layers=[self.params], is_constant_jacobian=True)
 
   def _forward_and_log_det(self, x, **unused):
     loc, log_scale = self.params.params(x)

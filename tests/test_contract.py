@@ -41,11 +41,12 @@ from tfflows.distributions import joint
 
 tfb = tfp.bijectors
 ABSTRACT = {base.FlowBijector}
-# Bijectors whose log-det does not depend on x. (ActNorm's does in its data-initialisation
-# pass, so it does not declare it.)
-CONSTANT_JACOBIAN = {bijectors.Squeeze, bijectors.InvertibleConv1x1, bijectors.ToUnitInterval,
-                     permute.ReverseChannels, permute.SwapHalves, permute.ChannelPermutation,
-                     permute.FlatPermutation, ordered.OrderedSqueeze, ordered.SplitPermutation}
+# Bijectors whose log-det does not depend on x. (ActNorm's reads x's statistics, without a
+# gradient, only in its one data-initialisation pass; TFP's rule is about the gradient.)
+CONSTANT_JACOBIAN = {bijectors.Squeeze, bijectors.ActNorm, bijectors.InvertibleConv1x1,
+                     bijectors.ToUnitInterval, permute.ReverseChannels, permute.SwapHalves,
+                     permute.ChannelPermutation, permute.FlatPermutation, ordered.OrderedSqueeze,
+                     ordered.SplitPermutation}
 BATCH = 6  # flat batch; doubly batched inputs are [2, 3, ...]
 
 

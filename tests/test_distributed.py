@@ -4,7 +4,7 @@ runs of train.main on 127.0.0.1.
 The multi-process tests are slow (each worker process starts TensorFlow and compiles the
 step); run them with
 
-    python -m pytest -q -m slow -k multiworker tests/test_distributed.py
+    python -m pytest -q -m slow -n 0 -k multiworker tests/test_distributed.py
 """
 
 import glob

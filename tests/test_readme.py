@@ -239,11 +239,12 @@ def python_examples():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-  """The Python API example, the export example and the mAR interpolation example, as written,
-  in one namespace (the later ones continue the first), with what their comments claim."""
+  """The Python API example, the gradient example, the export example and the mAR
+  interpolation example, as written, in one namespace (the later ones continue the first),
+  with what their comments claim."""
   monkeypatch.chdir(tmp_path)
   examples = python_examples()
-  assert len(examples) == 3
+  assert len(examples) == 4
   namespace = {}
   for source in examples:
     exec(compile(source, README, 'exec'), namespace)  # pylint: disable=exec-used
@@ -254,6 +255,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   assert bound.shape == (8,) and np.all(np.isfinite(bound)) and iw.mean() >= bound.mean() - 1.
   bits = model.bits_per_dim(images, seed=0).numpy()
   assert 0.5 < bits.mean() < 8.  # trained for an epoch: far below 8 bits/dim of noise
+  grad, log_p = namespace['grad'].numpy(), namespace['log_p'].numpy()
+  assert log_p.shape == (8,) and grad.shape == images.shape and np.all(np.isfinite(grad))
+  assert np.max(np.abs(grad)) > 0.
   np.testing.assert_array_equal(model.decode(namespace['latents']).numpy(), images)
   sample = model.sample(16, temperature=0.8, seed=1).numpy()
   assert sample.shape == (16, 32, 32, 1) and sample.dtype == np.uint8

@@ -290,7 +290,7 @@ def test_restore_gives_the_saved_optimizer_state(tmp_path):
     checkpoints.restore_model(other, prefix)
 
 
-def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path):
+def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path, capsys):
   """Rerunning resumes; a run stopped mid-epoch (latest checkpoint at step 3 of 4) finishes
   that epoch's last step first, then whole epochs."""
   workdir = str(tmp_path / 'run')
@@ -310,9 +310,13 @@ def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path)
                                                                after.get_tensor(key))
   with open(os.path.join(workdir, 'flags.txt'), encoding='utf-8') as f:
     assert '--epochs=2' in f.read().split()
-  # Already at the end: a rerun trains nothing and keeps the step.
+  # Already at the end: a rerun trains nothing, keeps the step and says so (no NaN figures).
+  capsys.readouterr()
   _main(f'--workdir={workdir}', '--epochs=2', '--nojit_compile')
   assert _steps(workdir)[-1] == 8
+  out = capsys.readouterr().out
+  assert 'train done: nothing to train, the workdir\'s checkpoint is at step 8 of 8' in out
+  assert 'nan' not in out
 
 
 def test_flags_txt_is_a_flagfile_that_reproduces_the_run(trained):

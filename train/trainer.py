@@ -214,7 +214,7 @@ def run_train(run):
         error, checkpoints.resolve(run.workdir, 'latest'))) from None
   finally:
     checkpointer.close()
-  return _report(summaries, step, start, time.perf_counter() - started)
+  return _report(summaries, step, start, total, time.perf_counter() - started)
 
 
 def check_workers_agree(strategy, model):
@@ -243,11 +243,15 @@ def fit_from(model, start, total, steps_per_epoch, train_ds, test_ds, callback_l
               **common)
 
 
-def _report(summaries, step, start, seconds):
+def _report(summaries, step, start, total, seconds):
   logs = dict(summaries.last_logs)
   rates = summaries.epoch_throughput
   logs.update(step=step, steps_this_run=step - start, wall_seconds=round(seconds, 1),
               images_per_second=(sum(rates) / len(rates)) if rates else float('nan'))
+  if step == start:  # nothing ran: no figures of this run to report
+    say('train done: nothing to train, the workdir\'s checkpoint is at step %d of %d; pass a '
+        'larger --epochs to train on (--mode=eval scores the checkpoint)', step, total)
+    return logs
   say('train done: step %d (%d this run) in %.0f s; train %.4f, test %.4f bits/dim; '
       '%.1f images/s', step, step - start, seconds, logs.get('train_bits_per_dim', float('nan')),
       logs.get('test_bits_per_dim', float('nan')), logs['images_per_second'])

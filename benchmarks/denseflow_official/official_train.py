@@ -3,7 +3,7 @@
 This program runs the authors' model code (github.com/matejgrcic/DenseFlow, a checkout named by
 --official_repo; it is not part of tfflows and is not copied here) under the same data, schedule
 and scoring as ``python -m train.main --flagfile=configs/mnist.flags``, so the two learning
-curves can be compared side by side (``compare.py`` runs both and prints the table).
+curves can be compared side by side (``compare_official.py`` runs both and prints the table).
 
 What is the same on both sides:
   data         tfflows/data/mnist5k.npz: 4,500 training and 500 test digits, 32x32x1 uint8,

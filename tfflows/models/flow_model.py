@@ -119,7 +119,8 @@ class FlowModel(keras.Model):
 
   def fit(self, x=None, *args, **kwargs):  # pylint: disable=keyword-arg-before-vararg
     """Keras ``fit``; an uninitialised model first runs ``initialize`` on the first batch of x
-    (a tf.data.Dataset of images or (images, ...) tuples, or an array of images)."""
+    (a tf.data.Dataset of images, (images, ...) tuples or {'image': images, ...} dicts as
+    ``tfds.load`` gives, or an array of images)."""
     if not self.is_initialized:
       self.initialize(_first_batch(x, kwargs.get('batch_size')))
     return super().fit(x, *args, **kwargs)
@@ -207,12 +208,18 @@ class FlowModel(keras.Model):
   def estimate_log_prob(self, images, num_samples=1, seed=None):
     """Graph-friendly log P for float images: the bound (k = 1) or the IW estimate (k > 1).
 
-    seed: None (the SeedGenerator) or a stateless [2] seed, folded per image (see log_prob)."""
-    if seed is not None:
-      seed = random.example_seeds(images, seed)
-    if num_samples == 1:
-      return self(images, training=False, seed=seed)
-    return self.importance_weighted(images, num_samples, seed)
+    seed: None (the SeedGenerator) or a stateless [2] seed, folded per image (see log_prob).
+    An empty batch [0, H, W, C] gives an empty result [0] (the networks never see it)."""
+    def estimate():
+      image_seeds = None if seed is None else random.example_seeds(images, seed)
+      if num_samples == 1:
+        return self(images, training=False, seed=image_seeds)
+      return self.importance_weighted(images, num_samples, image_seeds)
+
+    empty = tf.zeros([0], images.dtype)
+    if images.shape[0] is not None:
+      return estimate() if images.shape[0] else empty
+    return tf.cond(tf.shape(images)[0] > 0, estimate, lambda: empty)
 
   def importance_weighted(self, images, num_samples, seed=None):
     """log (1/k) sum_j w_j over k joint samples, in chunks with a running logsumexp.
@@ -252,7 +259,10 @@ class FlowModel(keras.Model):
       raise ValueError(f'n must be >= 1, got {n}.')
     check_temperature(temperature)
     x = self.sample_values(int(n), temperature, seed)
-    return to_images(check_finite(x, f'model.sample(n={int(n)}, temperature={temperature})'))
+    what = f'model.sample(n={int(n)}, temperature={temperature})'
+    if temperature > 1 and tf.executing_eagerly() and not np.all(np.isfinite(x)):
+      raise NonFiniteError(f'{what}: {TEMPERATURE_OVERFLOW}')
+    return to_images(check_finite(x, what))
 
   def sample_values(self, n, temperature=1.0, seed=None):
     """Dequantized-scale samples in [0, 256) (float) before quantisation."""
@@ -386,6 +396,12 @@ def _split_seeds(seed, num, seed_generator):
   return [seed + tf.constant([0, 7919 * i], tf.int32) for i in range(num)]
 
 
+# Why samples at a high temperature are NaN or Inf in a working model (said instead of "broken").
+TEMPERATURE_OVERFLOW = ('the samples overflowed: a temperature above 1 scales the latents by '
+                        'it, beyond what the flow inverts in finite numbers; lower the '
+                        'temperature (the papers sample at 1 or below)')
+
+
 def check_temperature(temperature):
   """Raises ValueError unless temperature is a finite number >= 0 (an infinite temperature
   scales the prior's noise to infinity: every sample would be NaN)."""
@@ -416,6 +432,15 @@ def to_images(values):
 
 
 def _images_of(data):
+  """The images of one dataset element: the element itself, the first entry of an
+  (images, ...) tuple, or the 'image' entry of a dict (what ``tfds.load`` gives; labels and
+  other entries are ignored)."""
+  if isinstance(data, dict):
+    if 'image' not in data:
+      raise ValueError(f"Expected the images under the key 'image' of a dict element (as "
+                       f'tfds.load gives them), got the keys {sorted(data)}; map the dataset to '
+                       "images first, e.g. ds.map(lambda d: d['my_key']).")
+    return data['image']
   return data[0] if isinstance(data, (tuple, list)) else data
 
 
@@ -442,7 +467,10 @@ def _as_checked_array(images, image_shape):
     return array
   if not np.issubdtype(array.dtype, np.integer):
     raise ValueError(f'Expected uint8 images (integers in [0, 255]), got dtype {array.dtype}; '
-                     'convert floats with np.round(x).astype(np.uint8) if they are pixel values.')
+                     'convert floats with np.round(x).astype(np.uint8) if they are pixel values. '
+                     'For gradients with respect to the pixels, use model.distribution.log_prob '
+                     'on dequantized float values in [0, 256) (README: "Gradients with respect '
+                     'to the images").')
   if array.size and (array.min() < 0 or array.max() > 255):
     raise ValueError(f'Image values must lie in [0, 255], got range [{array.min()}, '
                      f'{array.max()}].')
