@@ -43,6 +43,17 @@ def test_fit_and_evaluate_take_tfds_style_dict_elements():
   np.testing.assert_allclose(from_dicts, from_images, rtol=1e-6)
 
 
+def test_fit_takes_a_dict_of_arrays_and_dict_label_tuples():
+  """model.fit({'image': array, 'label': ...}) on a fresh model (the initialisation batch comes
+  from the 'image' entry) and ({'image': ...}, labels) elements, Keras' (x, y) form."""
+  images = _digits(16)
+  model = _tiny_glow()
+  model.fit({'image': images, 'label': np.arange(16)}, batch_size=8, epochs=1, verbose=0)
+  assert model.is_initialized
+  pairs = tf.data.Dataset.from_tensor_slices(({'image': images}, np.arange(16))).batch(8)
+  assert np.isfinite(model.evaluate(pairs, verbose=0, return_dict=True)['bpd'])
+
+
 def test_a_dict_element_without_images_is_refused_naming_its_keys():
   ds = tf.data.Dataset.from_tensor_slices({'pixels': _digits(8), 'label': np.arange(8)}).batch(4)
   with pytest.raises(ValueError, match=r"key 'image'.*\['label', 'pixels'\]"):

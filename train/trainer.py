@@ -248,7 +248,7 @@ def _report(summaries, step, start, total, seconds):
   rates = summaries.epoch_throughput
   logs.update(step=step, steps_this_run=step - start, wall_seconds=round(seconds, 1),
               images_per_second=(sum(rates) / len(rates)) if rates else float('nan'))
-  if step == start:  # nothing ran: no figures of this run to report
+  if start >= total:  # nothing to run: no figures of this run to report
     say('train done: nothing to train, the workdir\'s checkpoint is at step %d of %d; pass a '
         'larger --epochs to train on (--mode=eval scores the checkpoint)', step, total)
     return logs

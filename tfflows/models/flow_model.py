@@ -434,20 +434,24 @@ def to_images(values):
 def _images_of(data):
   """The images of one dataset element: the element itself, the first entry of an
   (images, ...) tuple, or the 'image' entry of a dict (what ``tfds.load`` gives; labels and
-  other entries are ignored)."""
+  other entries are ignored), also as the first entry of a tuple ((dict, labels) elements)."""
+  if isinstance(data, (tuple, list)):
+    data = data[0]
   if isinstance(data, dict):
     if 'image' not in data:
       raise ValueError(f"Expected the images under the key 'image' of a dict element (as "
                        f'tfds.load gives them), got the keys {sorted(data)}; map the dataset to '
                        "images first, e.g. ds.map(lambda d: d['my_key']).")
     return data['image']
-  return data[0] if isinstance(data, (tuple, list)) else data
+  return data
 
 
 def _first_batch(x, batch_size=None):
   """The first batch of images that ``fit`` would see, for the initialisation pass."""
   if isinstance(x, tf.data.Dataset):
     return _images_of(next(iter(x)))
+  if isinstance(x, dict):
+    x = _images_of(x)
   if isinstance(x, (np.ndarray, tf.Tensor)):
     return x[:batch_size or 32]
   raise ValueError(f'fit cannot take the initialisation batch from a {type(x).__name__}: call '
