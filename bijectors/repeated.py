@@ -107,6 +107,7 @@ class StackedWeights(keras.layers.Layer):
       by_id[id(v)] = w
     self._hidden = _Hidden((tuple(ordered), by_id, tuple(template_layers),
                             tuple(template_variables)))
+    self.built = True  # every weight exists now (Keras' rule: a layer whose __init__ makes them)
 
   @property
   def ordered(self):

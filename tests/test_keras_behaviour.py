@@ -139,3 +139,27 @@ def test_a_temperature_whose_samples_overflow_is_named(tmp_path):
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r'(?s)sample at temperature.*1e\+06.*the samples overflowed'):
     sample(num_samples=tf.constant(2), temperature=tf.constant(1e6), seed=tf.constant(0))
+
+
+SUMMARY_CONFIGS = {
+    'glow': TINY_GLOW,
+    'realnvp': dict(model='realnvp', image_shape=(8, 8, 1), num_scales=2, res_blocks=1,
+                    base_width=4),
+    'marscf': dict(model='marscf', image_shape=(8, 8, 1), num_levels=2, steps_per_level=2,
+                   width=8),
+    'denseflow': dict(model='denseflow', image_shape=(8, 8, 1), block_conf=(1, 1),
+                      layers_conf=(1, 1), layer_mid_channels=(8, 8), growth_rate=2,
+                      dense_layers=1, dense_growth=4, num_landmarks=2),
+}
+
+
+@pytest.mark.parametrize('family', sorted(SUMMARY_CONFIGS))
+def test_summary_counts_every_layer(family):
+  """model.summary() lists a parameter count for every layer (none '(unbuilt)'), and the
+  counts of the model's layers add up to the total."""
+  model = tfflows.build_model(tfflows.FlowConfig(**SUMMARY_CONFIGS[family]))
+  assert all(layer.built for layer in model._flatten_layers())  # pylint: disable=protected-access
+  assert sum(layer.count_params() for layer in model.layers) == model.count_params()
+  lines = []
+  model.summary(print_fn=lambda line, **unused: lines.append(line))
+  assert 'unbuilt' not in '\n'.join(lines)

@@ -100,6 +100,7 @@ class MARPrior(keras.layers.Layer):
     self.lstm.build((None, None, height, width, hidden))
     self.head = torch_init.Conv2D(2, 3, padding='same', name='head')
     self.head.build((None, height, width, hidden))
+    self.built = True  # every weight exists now (Keras' rule: a layer whose __init__ makes them)
 
   def get_config(self):
     return {**super().get_config(), **self._config}

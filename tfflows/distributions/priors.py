@@ -32,6 +32,7 @@ class StandardNormalPrior(keras.layers.Layer):
   def __init__(self, event_shape, **kwargs):
     super().__init__(**kwargs)
     self.event_shape = tuple(event_shape)
+    self.built = True  # no weights
 
   def distribution(self, context=None, temperature=1.0):
     zeros = tf.zeros(self.event_shape, self.compute_dtype)
@@ -50,6 +51,7 @@ class DiagonalGaussianPrior(keras.layers.Layer):
     channels = self.event_shape[-1]
     self.loc = self.add_weight(shape=(channels,), initializer='zeros', name='loc')
     self.log_scale = self.add_weight(shape=(channels,), initializer='zeros', name='log_scale')
+    self.built = True  # every weight exists now (Keras' rule: a layer whose __init__ makes them)
 
   def distribution(self, context=None, temperature=1.0):
     ones = tf.ones(self.event_shape, self.compute_dtype)
@@ -66,6 +68,7 @@ class GlowSplitPrior(keras.layers.Layer):
     super().__init__(**kwargs)
     self.event_shape = tuple(event_shape)
     self.conv = ZeroConv2D(2 * self.event_shape[-1])
+    self.built = True  # the conv builds on its first call, or where the model builds it
 
   def distribution(self, context=None, temperature=1.0):
     if context is None:
