@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfflows import atomic
 from tfflows.config import FlowConfig
 from tfflows.distributions import joint
-from tfflows.models.flow_model import TEMPERATURE_OVERFLOW, NonFiniteError, to_images
+from tfflows.models.flow_model import NonFiniteError, check_sample_overflow, to_images
 
 CONFIG_NAME = 'config.json'
 SERVING_SEED = 0  # the stateless seed of the served log-likelihood's noise
@@ -100,12 +100,8 @@ class FlowServingModule(tf.Module):
     ]
     with tf.control_dependencies(checks):
       num_samples = tf.identity(num_samples)
-    values = self.model.sample_values(num_samples, temperature, seed)
-    overflow = tf.debugging.Assert(  # a working model's samples overflow at a high temperature
-        tf.reduce_all(tf.math.is_finite(values)) | (temperature <= 1.),
-        ['sample at temperature', temperature, f': {TEMPERATURE_OVERFLOW}'])
-    with tf.control_dependencies([overflow]):
-      values = tf.identity(values)
+    values = check_sample_overflow(self.model.sample_values(num_samples, temperature, seed),
+                                   temperature, 'sample')
     return {'images': to_images(_refuse_non_finite(values, 'sample'))}
 
 

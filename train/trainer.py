@@ -200,9 +200,6 @@ def run_train(run):
                                                          num_shards=shards, shard_index=index))
       fit_from(model, start, total, steps_per_epoch, train_ds, run.test_dataset(),
                callback_list, verbose=0)
-    else:
-      logging.info('nothing to train: step %d already reaches --epochs=%d x %d steps', start,
-                   f.epochs, steps_per_epoch)
     step = int(model.optimizer.iterations.numpy())
     checkpointer.save(step, step // steps_per_epoch)  # the final state (a no-op if just saved)
     if workers > 1:

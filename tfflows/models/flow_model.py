@@ -260,9 +260,7 @@ class FlowModel(keras.Model):
     check_temperature(temperature)
     x = self.sample_values(int(n), temperature, seed)
     what = f'model.sample(n={int(n)}, temperature={temperature})'
-    if temperature > 1 and tf.executing_eagerly() and not np.all(np.isfinite(x)):
-      raise NonFiniteError(f'{what}: {TEMPERATURE_OVERFLOW}')
-    return to_images(check_finite(x, what))
+    return to_images(check_finite(check_sample_overflow(x, temperature, what), what))
 
   def sample_values(self, n, temperature=1.0, seed=None):
     """Dequantized-scale samples in [0, 256) (float) before quantisation."""
@@ -400,6 +398,22 @@ def _split_seeds(seed, num, seed_generator):
 TEMPERATURE_OVERFLOW = ('the samples overflowed: a temperature above 1 scales the latents by '
                         'it, beyond what the flow inverts in finite numbers; lower the '
                         'temperature (the papers sample at 1 or below)')
+
+
+def check_sample_overflow(values, temperature, what):
+  """values, or an error naming the temperature if they hold NaN or Inf at a temperature above 1
+  (NonFiniteError eagerly; in a graph an InvalidArgumentError that prints the temperature): a
+  working model's samples overflow at a high enough temperature. At a temperature <= 1 this
+  passes them on, for ``check_finite`` to refuse as a broken model's."""
+  if tf.executing_eagerly():
+    if float(temperature) > 1 and not np.all(np.isfinite(values)):
+      raise NonFiniteError(f'{what}: {TEMPERATURE_OVERFLOW}')
+    return values
+  overflow = tf.debugging.Assert(
+      tf.reduce_all(tf.math.is_finite(values)) | (temperature <= 1.),
+      [f'{what} at temperature', temperature, f': {TEMPERATURE_OVERFLOW}'])
+  with tf.control_dependencies([overflow]):
+    return tf.identity(values)
 
 
 def check_temperature(temperature):
