@@ -211,16 +211,19 @@ def test_a_model_that_gives_nan_is_never_saved(tmp_path):
 
 
 def test_skipping_stops_after_a_bounded_number_of_steps_in_a_row(model):
+  """The guard reads the model's count of non-finite steps (train_step adds 1 for each)."""
   guard = callbacks.NonFiniteGuard('skip', max_skips=3, last_good=lambda: '/w/ckpt-8')
   guard.set_model(model)
-  nan = {'finite': 0., 'loss': np.nan, 'grad_norm': np.nan}
-  for logs in (nan, nan, {'finite': 1.}, nan, nan):   # a finite step resets the count
-    guard.on_train_batch_end(0, logs)
+  guard.on_train_begin()
+  for skipped in (1, 1, 0, 1, 1):   # a finite step resets the count
+    model.nonfinite_tracker.update_state(float(skipped))
+    guard.on_train_batch_end(0, {'loss': np.nan})
   assert guard.skipped == 4 and guard.consecutive == 2
+  model.nonfinite_tracker.update_state(1.)
   with pytest.raises(callbacks.NonFiniteLossError,
                      match=r'3 steps in a row .* --max_nonfinite_skips=3 .*the last good '
                            r'checkpoint is /w/ckpt-8; rerunning resumes from it'):
-    guard.on_train_batch_end(0, nan)
+    guard.on_train_batch_end(0, {})
   assert model.stop_training
 
 

@@ -163,3 +163,147 @@ def test_summary_counts_every_layer(family):
   lines = []
   model.summary(print_fn=lambda line, **unused: lines.append(line))
   assert 'unbuilt' not in '\n'.join(lines)
+
+
+# -- item 1: predict and __call__ on uint8 images -------------------------------------------
+def test_predict_and_call_give_the_one_sample_log_prob_of_uint8_images():
+  """model(images) and model.predict(images) take uint8 images (as fit and evaluate do) and
+  give the one-sample bound of log P in nats, [B]: for the same noise (the SeedGenerator's
+  state) the value of the same images as whole float pixel values, and on average the
+  model.log_prob figure (digits, not black images)."""
+  model = _initialised_glow()
+  images = _digits(8)
+  state = model.seed_generator.state.numpy()
+  called = model(images).numpy()
+  model.seed_generator.state.assign(state)
+  as_floats = model(images.astype(np.float32)).numpy()
+  model.seed_generator.state.assign(state)
+  predicted = model.predict(images, verbose=0)
+  assert called.shape == predicted.shape == (8,)
+  np.testing.assert_array_equal(called, as_floats)
+  np.testing.assert_allclose(predicted, called, rtol=1e-5)
+  np.testing.assert_allclose(np.mean(predicted), np.mean(model.log_prob(images).numpy()),
+                             rtol=2e-3)
+
+
+def test_input_outside_the_pixel_convention_is_refused_naming_it():
+  """Floats scaled to [0, 1] (the silent 9.55 bits/dim of black images before) and negative
+  integers are refused, eagerly with ValueError and in predict's graph with
+  InvalidArgumentError, both naming the values' range."""
+  model = _initialised_glow()
+  scaled = _digits(4).astype(np.float32) / 255.
+  with pytest.raises(ValueError, match=r'whole pixel values in \[0, 255\], got values in '
+                                       r'\[0, 1\] \(not all whole numbers\)'):
+    model(scaled)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'whole pixel values in \[0, 255\]'):
+    model.predict(scaled, verbose=0)
+  with pytest.raises(ValueError, match=r'int32 values holding whole pixel values in \[0, 255\], '
+                                       r'got values in \[-1, -1\]'):
+    model(-np.ones((2, 8, 8, 1), np.int32))
+  with pytest.raises(ValueError, match='Expected uint8 images'):
+    model(np.zeros((2, 8, 8, 1), bool))
+
+
+# -- item 3: saving the whole model ---------------------------------------------------------
+@pytest.mark.parametrize('family', sorted(SUMMARY_CONFIGS))
+def test_keras_file_round_trip(family, tmp_path):
+  """model.save('m.keras') and keras.models.load_model give the same class and config, an
+  initialised model and the same weights (log_prob with a seed equal bit for bit)."""
+  images = _digits(8)
+  model = tfflows.build_model(tfflows.FlowConfig(**SUMMARY_CONFIGS[family]))
+  model.initialize(images)
+  model.save(str(tmp_path / 'm.keras'))
+  loaded = keras.models.load_model(str(tmp_path / 'm.keras'))
+  assert type(loaded) is type(model) and loaded.config == model.config
+  assert loaded.is_initialized
+  np.testing.assert_array_equal(loaded.log_prob(images[:4], seed=0).numpy(),
+                                model.log_prob(images[:4], seed=0).numpy())
+
+
+def test_keras_file_keeps_the_optimizer_state_and_training_goes_on(tmp_path):
+  images = _digits(16)
+  model = _tiny_glow()
+  model.fit(images, batch_size=8, epochs=1, verbose=0)
+  model.save(str(tmp_path / 'm.keras'))
+  loaded = keras.models.load_model(str(tmp_path / 'm.keras'))
+  assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+  assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+  for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
+    np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+  loaded.fit(images, batch_size=8, epochs=1, verbose=0)
+  assert int(loaded.optimizer.iterations) == 4
+
+
+def test_lcma_permutations_travel_inside_the_keras_file(tmp_path):
+  """An LCMA model loads with its masks file gone: the permutations are in the .keras file."""
+  from tfflows import lcma  # pylint: disable=import-outside-toplevel
+  masks = tmp_path / 'masks.npz'
+  lcma.write_masks(str(masks), np.random.RandomState(0).randn(1, 64), image_shape=(8, 8, 1))
+  config = tfflows.FlowConfig(**SUMMARY_CONFIGS['realnvp'], split='lcma', lcma_masks=str(masks))
+  images = _digits(8)
+  model = tfflows.build_model(config)
+  model.initialize(images)
+  model.save(str(tmp_path / 'm.keras'))
+  masks.unlink()
+  loaded = keras.models.load_model(str(tmp_path / 'm.keras'))
+  assert loaded.config.split == 'lcma' and loaded.config.lcma_masks != str(masks)
+  np.testing.assert_array_equal(loaded.log_prob(images[:4], seed=0).numpy(),
+                                model.log_prob(images[:4], seed=0).numpy())
+
+
+def test_model_checkpoint_keeps_the_best_full_model_and_export_points_to_tfflows(tmp_path):
+  """keras.callbacks.ModelCheckpoint('best.keras', save_best_only=True) with its default
+  monitor (val_loss) writes a loadable model; Keras' generic model.export is refused with a
+  message naming tfflows.export."""
+  images = _digits(16)
+  model = _tiny_glow()
+  path = str(tmp_path / 'best.keras')
+  model.fit(images, batch_size=8, epochs=2, verbose=0, validation_data=(images[:8],),
+            callbacks=[keras.callbacks.ModelCheckpoint(path, save_best_only=True)])
+  assert isinstance(keras.models.load_model(path), tfflows.FlowModel)
+  with pytest.raises(NotImplementedError, match=r'tfflows\.export\.export_saved_model'):
+    model.export(str(tmp_path / 'export'))
+
+
+# -- item 4: the standard callbacks ---------------------------------------------------------
+def test_loss_is_the_epoch_mean_and_internal_flags_are_not_metrics():
+  """history['loss'] is the mean over the epoch's batches (not the last batch's value): with a
+  zero learning rate (fixed weights), two very different batches give the mean of their
+  evaluated losses; the logs hold loss, bpd and grad_norm only."""
+  model = _initialised_glow()
+  model.compile(keras.optimizers.Adamax(0.))
+  digits, flat = _digits(8), np.full((8, 8, 8, 1), 128, np.uint8)
+  per_batch = [model.evaluate(b, batch_size=8, verbose=0, return_dict=True)['loss']
+               for b in (digits, flat)]
+  assert abs(per_batch[0] - per_batch[1]) > 0.3  # the last batch's value is > 0.15 off
+  history = model.fit(np.concatenate([digits, flat]), batch_size=8, shuffle=False, epochs=1,
+                      verbose=0).history
+  assert sorted(history) == ['bpd', 'grad_norm', 'loss']
+  np.testing.assert_allclose(history['loss'][0], np.mean(per_batch), atol=0.05)
+  np.testing.assert_allclose(history['loss'], history['bpd'])  # no regularisation here
+
+
+def test_early_stopping_acts_on_its_default_val_loss():
+  """EarlyStopping() monitors val_loss by default: it must stop training (here after the
+  second epoch, since no epoch improves by min_delta)."""
+  images = _digits(16)
+  history = _tiny_glow().fit(
+      images, batch_size=8, epochs=6, verbose=0, validation_data=(images[:8],),
+      callbacks=[keras.callbacks.EarlyStopping(patience=1, min_delta=100.)]).history
+  assert len(history['val_loss']) == 2
+  assert history['val_loss'] == history['val_bpd']
+
+
+def test_a_nonfinite_step_is_counted_and_terminate_on_nan_acts():
+  """A NaN weight gives NaN steps: no update is applied, model.nonfinite_steps counts them and
+  the epoch's loss is NaN, so keras.callbacks.TerminateOnNaN stops after the first batch."""
+  model = _initialised_glow()
+  model.compile(keras.optimizers.Adamax(1e-3))
+  weight = model.flow_layers[0].trainable_variables[0]
+  weight.assign(np.full(weight.shape, np.nan, np.float32))
+  others = [v.numpy() for v in model.trainable_variables if v is not weight]
+  history = model.fit(_digits(16), batch_size=8, epochs=1, verbose=0,
+                      callbacks=[keras.callbacks.TerminateOnNaN()]).history
+  assert model.nonfinite_steps == 1 and np.isnan(history['loss'][0])
+  for before, v in zip(others, [v for v in model.trainable_variables if v is not weight]):
+    np.testing.assert_array_equal(v.numpy(), before)

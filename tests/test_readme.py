@@ -41,6 +41,7 @@ BLOCKS = {
     'train.main --flagfile=configs/mnist.flags --workdir=runs/mnist': (RUN, 'the quick start'),
     'tensorboard --logdir runs/mnist/tensorboard': (RUN, 'tensorboard, cat eval, ls samples'),
     'import numpy as np': (RUN, 'the Python API example'),
+    'import keras': (RUN, 'the Keras idioms (continue the Python API example)'),
     'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist': (
         RUN, 'the quick start again: resumes, trains nothing, evaluates again'),
     'epoch 3/8  [#': (TEXT, 'what the progress bar looks like'),
@@ -239,12 +240,12 @@ def python_examples():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-  """The Python API example, the gradient example, the export example and the mAR
-  interpolation example, as written, in one namespace (the later ones continue the first),
-  with what their comments claim."""
+  """The Python API example, the gradient example, the Keras idioms, the export example and
+  the mAR interpolation example, as written, in one namespace (the later ones continue the
+  first), with what their comments claim."""
   monkeypatch.chdir(tmp_path)
   examples = python_examples()
-  assert len(examples) == 4
+  assert len(examples) == 5
   namespace = {}
   for source in examples:
     exec(compile(source, README, 'exec'), namespace)  # pylint: disable=exec-used
@@ -258,6 +259,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   grad, log_p = namespace['grad'].numpy(), namespace['log_p'].numpy()
   assert log_p.shape == (8,) and grad.shape == images.shape and np.all(np.isfinite(grad))
   assert np.max(np.abs(grad)) > 0.
+  log_w = namespace['log_w']
+  assert log_w.shape == (8,) and np.all(np.isfinite(log_w))
+  assert os.path.isfile(tmp_path / 'glow.keras')
+  assert namespace['restored'].config == model.config
+  assert 'val_loss' in namespace['history'].history
   np.testing.assert_array_equal(model.decode(namespace['latents']).numpy(), images)
   sample = model.sample(16, temperature=0.8, seed=1).numpy()
   assert sample.shape == (16, 32, 32, 1) and sample.dtype == np.uint8

@@ -37,11 +37,14 @@ constants and does not need the file; rebuilding a Python model from an exported
 (``bundle_masks`` copies the file beside an export and points the config at the copy).
 """
 
+import base64
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -236,6 +239,33 @@ def split_permutation_fn(config):
                        'model.')
     return ordered.SplitPermutation(perms[level], shape, name=f'split{level}_{split}')
   return stored_split
+
+
+def encode_masks_file(path):
+  """The bytes of the masks file at ``path`` (checked by ``load_masks``) as base64 text, for
+  a JSON model config (``FlowModel.get_config``)."""
+  load_masks(path)
+  with open(path, 'rb') as f:
+    return base64.b64encode(f.read()).decode('ascii')
+
+
+def stored_masks_path(encoded, directory=None):
+  """Writes the masks file that ``encode_masks_file`` encoded and returns its path.
+
+  The file is named by its content's SHA-256 in ``directory`` (default: tfflows_lcma_masks in
+  the system's temporary directory), so loading the same model twice writes it once; it is
+  checked by ``load_masks``. Raises ValueError for text that is not such a file."""
+  try:
+    content = base64.b64decode(encoded.encode('ascii'), validate=True)
+  except (ValueError, UnicodeEncodeError) as e:
+    raise ValueError(f'the stored LCMA masks are not base64 text: {e}') from e
+  directory = directory or os.path.join(tempfile.gettempdir(), 'tfflows_lcma_masks')
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, hashlib.sha256(content).hexdigest() + '.npz')
+  if not os.path.isfile(path):
+    atomic.write_bytes(path, content)
+  load_masks(path)
+  return path
 
 
 def lcma_config(config, masks_path, split='lcma'):

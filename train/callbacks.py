@@ -31,14 +31,15 @@ def _step(model):
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-  """Reads the 'finite' log of FlowModel.train_step (0 when the loss or the gradient norm is
-  NaN or Inf; the step then applied no gradient). policy 'stop' raises NonFiniteLossError;
-  'skip' logs a warning and counts the skipped steps, and raises NonFiniteLossError once
-  ``max_skips`` steps in a row were skipped (a model that gives NaN on every batch never
-  recovers by skipping). last_good: a callable giving the last good checkpoint, for the message.
+  """Watches ``FlowModel.nonfinite_steps``, the count of training steps whose loss or gradient
+  norm was NaN or Inf (such a step applied no gradient; the epoch's reported means take the
+  NaN, as Keras' do). policy 'stop' raises NonFiniteLossError; 'skip' logs a warning and counts the
+  skipped steps, and raises NonFiniteLossError once ``max_skips`` steps in a row were skipped
+  (a model that gives NaN on every batch never recovers by skipping). last_good: a callable
+  giving the last good checkpoint, for the message.
 
-  It reads the log Keras already hands every callback, so it adds no host-device
-  synchronisation to the training step."""
+  The count is read once per batch, as the progress display reads the logs, so it adds no
+  synchronisation beyond the one per batch the callbacks already make."""
 
   def __init__(self, policy='stop', max_skips=10, last_good=None):
     super().__init__()
@@ -51,21 +52,26 @@ class NonFiniteGuard(keras.callbacks.Callback):
     self.last_good = last_good
     self.skipped = 0        # all skipped steps of this run
     self.consecutive = 0    # skipped steps since the last finite one
+    self._seen = None       # the model's count at the last batch
+
+  def on_train_begin(self, logs=None):
+    self._seen = self.model.nonfinite_steps
 
   def on_train_batch_end(self, batch, logs=None):
-    if _value(logs, 'finite', 1.) >= 1.:
+    count = self.model.nonfinite_steps
+    new, self._seen = count - (self._seen or 0), count
+    if not new:
       self.consecutive = 0
       return
     step = _step(self.model)
-    message = (f'non-finite loss at step {step} (loss {_value(logs, "loss")}, gradient norm '
-               f'{_value(logs, "grad_norm")}); the update was not applied')
+    message = (f'non-finite loss or gradient norm at step {step}; the update was not applied')
     advice = 'Try a longer --warmup_steps, a lower --learning_rate, or --max_grad_norm.'
     if self.policy == 'stop':
       self.model.stop_training = True
       raise NonFiniteLossError(f'{message}. Training stopped; {self._last_good()}. {advice} '
                                '(--on_nonfinite=skip skips such steps instead.)')
-    self.skipped += 1
-    self.consecutive += 1
+    self.skipped += new
+    self.consecutive += new
     if self.consecutive >= self.max_skips:
       self.model.stop_training = True
       raise NonFiniteLossError(
@@ -255,7 +261,7 @@ class BatchNormRefresh(keras.callbacks.Callback):
     if self._forward is None:
       model = self.model
       self._forward = tf.function(
-          lambda images, seed: model(tf.cast(images, tf.float32), training=True, seed=seed))
+          lambda images, seed: model(images, training=True, seed=seed))
     return self._forward
 
 

@@ -33,7 +33,8 @@ from absl import logging
 
 from bijectors import actnorm
 from bijectors.base import attach_layer_variables
-from tfflows import random
+from tfflows import random, split_permutations
+from tfflows.config import FlowConfig
 from tfflows.distributions import joint
 from tfflows.models import replica_step
 from tfflows.nn.resnet import weight_norm_scales
@@ -46,6 +47,7 @@ class NonFiniteError(FloatingPointError):
   """The model produced NaN or Inf values where an image or a number was asked for."""
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class FlowModel(keras.Model):
   """A multi-scale flow with its prior and dequantizer, trained by maximum likelihood.
 
@@ -84,6 +86,41 @@ class FlowModel(keras.Model):
     joint.sample_top_down(self.flow, self.priors, 1, seed=0)
     self.dequantizer(tf.zeros((1,) + self.image_shape, self.flow_dtype), midpoint=True)
     self.built = True
+
+  # -- Keras saving -----------------------------------------------------------------------------
+  def get_config(self):
+    """What ``model.save('m.keras')`` stores to rebuild the model: the ``FlowConfig`` fields,
+    the training settings, and, for LCMA (``config.lcma_masks``), the masks file's bytes, so
+    the permutations travel inside the .keras file."""
+    config = {'flow_config': self.config.to_dict(), 'iw_chunk_size': self.iw_chunk_size,
+              'max_grad_norm': self.max_grad_norm, 'scale_l2': self.scale_l2}
+    if self.config.lcma_masks:
+      config['lcma_masks_npz'] = split_permutations.encode_masks_file(self.config.lcma_masks)
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    """The model ``get_config`` describes, built by ``tfflows.build_model`` (weights fresh;
+    ``keras.models.load_model`` then loads the saved ones). LCMA masks come back as a file of
+    ``split_permutations.stored_masks_path`` that the rebuilt config names."""
+    from tfflows.models import build_model  # pylint: disable=import-outside-toplevel
+    flow_config = FlowConfig.from_dict(config['flow_config'])
+    if 'lcma_masks_npz' in config:
+      flow_config = flow_config.replace(
+          lcma_masks=split_permutations.stored_masks_path(config['lcma_masks_npz']))
+    model = build_model(flow_config)
+    for name in ('iw_chunk_size', 'max_grad_norm', 'scale_l2'):
+      setattr(model, name, config[name])
+    return model
+
+  def export(self, filepath, format='tf_saved_model', **kwargs):  # pylint: disable=redefined-builtin
+    """Refuses Keras' generic export, naming the one that serves this model."""
+    raise NotImplementedError(
+        'FlowModel.export: Keras\' generic SavedModel export would serve the model\'s '
+        'randomised one-sample bound without its seeds, checks and sampling signature. Export '
+        f'with tfflows.export.export_saved_model(model, {str(filepath)!r}) (or python -m '
+        'train.main --mode=export): TF Serving signatures serving_default (log_prob, '
+        'bits_per_dim of uint8 images) and sample; README, section "Serving".')
 
   # -- data-dependent initialisation ----------------------------------------------------------
   @property
@@ -141,8 +178,12 @@ class FlowModel(keras.Model):
 
   # -- the likelihood -------------------------------------------------------------------------
   def call(self, images, training=None, seed=None):
-    """One-sample log-weight log w (nats, [B]) of float images in {0..255}."""
-    return self.log_weight(images, training=training, seed=seed)
+    """One-sample log-weight log w in nats, [B]: the k = 1 bound of log P(images) that
+    ``model(images)`` and ``model.predict(images)`` give (``model.log_prob`` has k > 1 and
+    seeds; ``to_bits_per_dim`` converts). images: uint8 [B, H, W, C], or integer or float
+    values holding whole pixel values in [0, 255]; anything else (e.g. floats scaled to
+    [0, 1]) is refused (ValueError eagerly, InvalidArgumentError in a graph)."""
+    return self.log_weight(pixel_values(images, self.flow_dtype), training=training, seed=seed)
 
   def log_weight(self, images, training=None, midpoint=False, seed=None):
     """log w for one joint draw of the noise. seed: None (the model's SeedGenerator), a
@@ -312,9 +353,29 @@ class FlowModel(keras.Model):
 
   # -- Keras training -------------------------------------------------------------------------
   def compile(self, optimizer, **kwargs):
+    """Keras ``compile``; the model has its own objective, so ``loss`` is not an argument.
+
+    Reported metrics (epoch means, as every Keras metric): ``loss``, what the
+    optimiser minimises (bits/dim plus the regularisation; in ``evaluate``, and ``val_loss``
+    with validation data, the same on the evaluated images, so Keras callbacks that monitor
+    ``val_loss`` by default act on it), ``bpd`` (bits/dim, the one-sample bound) and, in
+    training, ``grad_norm`` (global norm before clipping)."""
+    if kwargs.get('loss') is not None:
+      raise ValueError('FlowModel.compile takes no loss: the model minimises its negative '
+                       'log-likelihood in bits/dim (plus its regularisation).')
     super().compile(optimizer=optimizer, **kwargs)
+    self.loss_tracker = keras.metrics.Mean(name='loss')
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
+    # Steps whose loss or gradient was NaN or Inf (no update applied): not a reported metric;
+    # train/callbacks.NonFiniteGuard reads it after each batch.
+    self.nonfinite_tracker = keras.metrics.Sum(name='nonfinite_steps')
+
+  def compile_from_config(self, config):
+    """Recompiles a loaded model as it was compiled (``keras.models.load_model``), with its
+    optimizer built so that the saved optimizer state loads into it."""
+    self.compile(**keras.saving.deserialize_keras_object(config))
+    self.optimizer.build(self.trainable_variables)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras' TensorFlow trainer, under a strategy, reads the first batch of fit / evaluate and
@@ -330,8 +391,15 @@ class FlowModel(keras.Model):
 
   @property
   def metrics(self):
-    return [m for m in (getattr(self, 'bpd_tracker', None),
+    return [m for m in (getattr(self, 'loss_tracker', None), getattr(self, 'bpd_tracker', None),
                         getattr(self, 'grad_norm_tracker', None)) if m is not None]
+
+  @property
+  def nonfinite_steps(self):
+    """How many training steps since ``compile`` had a NaN or Inf loss or gradient (each
+    applied no update); a host read, for callbacks."""
+    tracker = getattr(self, 'nonfinite_tracker', None)
+    return 0 if tracker is None else int(tracker.result())
 
   def train_step(self, data):
     """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
@@ -339,23 +407,23 @@ class FlowModel(keras.Model):
     replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
     on the reduced gradients: the single-device step on the global batch (see there for what
     stays per replica)."""
-    images = tf.cast(_images_of(data), self.flow_dtype)
-    bpd, loss, grads = replica_step.loss_and_gradients(self, images)
+    bpd, loss, grads = replica_step.loss_and_gradients(self, _images_of(data))
     bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
     if self.max_grad_norm:
       grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=grad_norm)
     # A NaN or Inf loss or gradient would poison the weights: the step's gradients become zeros
     # (the weights stay finite; Adam-type optimizers still move them by their decayed moments)
-    # and the trainer reports it. One broadcasting select per gradient.
+    # and the step is counted in ``nonfinite_steps``. One broadcasting select per gradient.
+    # The reported means take the NaN, as Keras' do (keras.callbacks.TerminateOnNaN acts on it).
     finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
     grads = [tf.where(finite, g, tf.constant(0., g.dtype)) for g in grads]
     replica_step.apply_reduced_gradients(self.optimizer, zip(grads, self.trainable_variables))
+    self.loss_tracker.update_state(loss)
     self.bpd_tracker.update_state(bpd)
     self.grad_norm_tracker.update_state(grad_norm)
-    return replica_step.keras_logs({
-        'bpd': self.bpd_tracker.result(), 'grad_norm': self.grad_norm_tracker.result(),
-        'loss': loss, 'finite': tf.cast(finite, tf.float32)})
+    self.nonfinite_tracker.update_state(1. - tf.cast(finite, tf.float32))
+    return replica_step.keras_logs({m.name: m.result() for m in self.metrics})
 
   def loss_and_gradients(self, images):
     """(bits/dim, loss, gradients) of float images [B, H, W, C]: the mean one-sample bound of
@@ -376,11 +444,51 @@ class FlowModel(keras.Model):
     return self.scale_l2 * tf.add_n([tf.reduce_sum(tf.square(g)) for g in scales]) if scales else 0.
 
   def test_step(self, data):
-    images = tf.cast(_images_of(data), self.flow_dtype)
+    """``evaluate``'s step: bpd, the batch's mean bits/dim (one-sample bound), and loss, bpd
+    plus the regularisation (what training minimises)."""
     with random.replica_rows(*replica_step.replica_position()):  # distinct noise per replica
-      bpd = tf.reduce_mean(self.to_bits_per_dim(self(images, training=False)))
+      bpd = tf.reduce_mean(self.to_bits_per_dim(self(_images_of(data), training=False)))
     self.bpd_tracker.update_state(bpd)
-    return replica_step.keras_logs({'bpd': self.bpd_tracker.result()})
+    self.loss_tracker.update_state(bpd + self.regularization())
+    return replica_step.keras_logs({m.name: m.result() for m in (self.loss_tracker,
+                                                                 self.bpd_tracker)})
+
+  def predict_step(self, data):
+    """``predict``'s step: the one-sample log-weight (nats, [B]) of each image, as ``call``."""
+    return self(_images_of(data), training=False)
+
+
+def pixel_values(images, dtype):
+  """Images as ``dtype`` values in {0, ..., 255}, [B, H, W, C]: the input convention of
+  ``FlowModel.call`` (and so of ``model(images)`` and ``predict``).
+
+  images: uint8, or any integer or float tensor holding whole pixel values in [0, 255]. Values
+  outside it (floats scaled to [0, 1], negative or fractional values) raise ValueError naming
+  their range eagerly, and fail a graph (``predict``) with InvalidArgumentError saying the
+  same; an XLA-compiled function skips the graph check (XLA has no assertions)."""
+  images = tf.convert_to_tensor(images)
+  if images.dtype == tf.uint8:
+    return tf.cast(images, dtype)
+  if not (images.dtype.is_integer or images.dtype.is_floating):
+    raise ValueError(f'Expected uint8 images [batch, H, W, C], got dtype {images.dtype.name}.')
+  whole = (images >= 0) & (images <= 255)
+  if images.dtype.is_floating:
+    whole &= tf.equal(tf.floor(images), images)
+  problem = (f'Expected uint8 images, or {images.dtype.name} values holding whole pixel values '
+             'in [0, 255]')
+  advice = ('images scaled to [0, 1] must be scaled back (np.round(x * 255).astype(np.uint8)); '
+            'for dequantized values in [0, 256) use model.distribution.log_prob')
+  if tf.executing_eagerly():
+    if not bool(tf.reduce_all(whole)):
+      low, high = float(tf.reduce_min(images)), float(tf.reduce_max(images))
+      raise ValueError(f'{problem}, got values in [{low:g}, {high:g}]'
+                       f'{"" if images.dtype.is_integer else " (not all whole numbers)"}: '
+                       f'{advice}.')
+  else:
+    tf.debugging.Assert(tf.reduce_all(whole),
+                        [f'{problem}, got values in', tf.reduce_min(images),
+                         tf.reduce_max(images), f': {advice}.'])
+  return tf.cast(images, dtype)
 
 
 def _split_seeds(seed, num, seed_generator):

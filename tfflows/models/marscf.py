@@ -30,6 +30,8 @@ Paper sizes: affine K = 32, width 512; MixLogCDF K = 4, width 96, 32 components,
 3-layer ConvLSTM of hidden size 32.
 """
 
+import keras
+
 import bijectors as fb
 from bijectors import mixlogcdf
 from bijectors import multiscale
@@ -87,6 +89,7 @@ def mar_priors(flow, config):
   return priors
 
 
+@keras.saving.register_keras_serializable(package='tfflows')
 class MARSCF(FlowModel):
   """A FlowModel with mAR priors; MARPS sampling is the inherited top-down ``sample``."""
 
