@@ -52,15 +52,16 @@ class NonFiniteGuard(keras.callbacks.Callback):
     self.last_good = last_good
     self.skipped = 0        # all skipped steps of this run
     self.consecutive = 0    # skipped steps since the last finite one
-    self._seen = None       # the model's count at the last batch
+    self._seen = 0          # the model's count at the last batch (on_train_begin reads it)
 
   def on_train_begin(self, logs=None):
     self._seen = self.model.nonfinite_steps
 
   def on_train_batch_end(self, batch, logs=None):
     count = self.model.nonfinite_steps
-    new, self._seen = count - (self._seen or 0), count
-    if not new:
+    # Any increase is this batch's step (under a strategy each replica may add its 1).
+    nonfinite, self._seen = count != self._seen, count
+    if not nonfinite:
       self.consecutive = 0
       return
     step = _step(self.model)
@@ -70,8 +71,8 @@ class NonFiniteGuard(keras.callbacks.Callback):
       self.model.stop_training = True
       raise NonFiniteLossError(f'{message}. Training stopped; {self._last_good()}. {advice} '
                                '(--on_nonfinite=skip skips such steps instead.)')
-    self.skipped += new
-    self.consecutive += new
+    self.skipped += 1
+    self.consecutive += 1
     if self.consecutive >= self.max_skips:
       self.model.stop_training = True
       raise NonFiniteLossError(
