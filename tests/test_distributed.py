@@ -26,7 +26,7 @@ from tfflows.data import imagenet_npz
 from tfflows.data import pipeline
 from tfflows.data import sharding
 from tfflows.data import tfds_datasets
-from train import checkpoints
+from train import checkpoint_files
 from train import distributed
 from train import modes
 
@@ -251,7 +251,7 @@ def _wait_for_checkpoint(workdir, step, processes, deadline_seconds=900):
   deadline = time.time() + deadline_seconds
   while time.time() < deadline:
     prefix = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
-    if prefix and checkpoints.step_of(prefix) >= step:
+    if prefix and checkpoint_files.step_of(prefix) >= step:
       return
     assert all(p.poll() is None for p, _ in processes), 'a worker exited early'
     time.sleep(0.2)
@@ -271,7 +271,7 @@ def test_multiworker_sigkill_stops_the_survivor_and_a_rerun_resumes(tmp_path):
   killed = time.time()
   codes, logs = _finish(processes, timeout=300)
   assert codes[0] == 1 and time.time() - killed < 120, logs[0][-3000:]
-  latest = checkpoints.step_of(tf.train.latest_checkpoint(str(workdir / 'checkpoints')))
+  latest = checkpoint_files.step_of(tf.train.latest_checkpoint(str(workdir / 'checkpoints')))
   assert latest >= 10 and latest % 5 == 0
   assert 'a worker of the multi-worker run was lost' in logs[0]
   assert f"last checkpoint is {workdir}/checkpoints/ckpt-{latest}." in logs[0]

@@ -16,8 +16,10 @@ import tensorflow as tf
 import bijectors as fb
 import tfflows
 from bijectors import repeated
+from tfflows import atomic
 from tfflows import step_layout
 from tfflows.nn import precision
+from train import checkpoint_contents
 from train import checkpoints
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -269,7 +271,7 @@ def test_unrolled_checkpoint_is_refused_then_converted(tmp_path):
   source = checkpoints.Checkpointer(str(tmp_path / 'old'), unrolled, optimizer, keep=1)
   prefix = source.save(step=7, epoch=1)
   with pytest.raises(ValueError, match='unrolled flow steps.*train.convert_checkpoint'):
-    checkpoints.restore_model(looped, prefix)
+    checkpoint_contents.restore_model(looped, prefix)
   convert_checkpoint.convert(looped.config, prefix, str(tmp_path / 'new'))
   fresh = tfflows.build_model(looped.config)
   fresh_optimizer = trainer.make_optimizer('adamax', 1e-3)
@@ -324,8 +326,8 @@ def test_runtime_fields_do_not_block_resuming(tmp_path):
   --conditioner_precision=auto; an architecture field still has to match."""
   from train import run  # pylint: disable=import-outside-toplevel
   config = tfflows.FlowConfig(**FAMILIES['denseflow'])
-  checkpoints.write_json(str(tmp_path / 'config.json'),
-                         config.replace(conditioner_precision='bfloat16').to_dict())
+  atomic.write_json(str(tmp_path / 'config.json'),
+                    config.replace(conditioner_precision='bfloat16').to_dict())
   run._check_workdir_config(str(tmp_path), config.replace(remat='step',  # pylint: disable=protected-access
                                                           conditioner_precision='auto'))
   with pytest.raises(Exception, match='step_loop'):

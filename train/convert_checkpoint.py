@@ -25,7 +25,10 @@ from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 import tfflows  # noqa: E402  pylint: disable=wrong-import-position
+from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows import step_layout  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoint_contents  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoint_files  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402,F401  pylint: disable=wrong-import-position
 from train import trainer  # noqa: E402  pylint: disable=wrong-import-position
@@ -39,16 +42,17 @@ flags.DEFINE_string('source', None, 'Checkpoint prefix, checkpoint directory or 
 def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   """Converts checkpoint ``source`` (unrolled layout of ``config``'s model) into ``workdir``;
   returns the new checkpoint prefix."""
-  prefix = checkpoints.find_checkpoint(source)
+  prefix = checkpoint_files.find_checkpoint(source)
   if prefix is None:
     raise ValueError(f'--source={source}: no checkpoint there.')
   config = config.replace(step_loop=True, remat='none')
   unrolled = tfflows.build_model(config.replace(step_loop=False))
   source_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   source_optimizer.build(unrolled.trainable_variables)
-  checkpoints.check_model_variables(prefix, unrolled)
-  restored = tf.train.Checkpoint(optimizer=source_optimizer,
-                                 **{checkpoints.MODEL_VARIABLES: list(unrolled.variables)})
+  checkpoint_contents.check_model_variables(prefix, unrolled)
+  restored = tf.train.Checkpoint(
+      optimizer=source_optimizer,
+      **{checkpoint_contents.MODEL_VARIABLES: list(unrolled.variables)})
   restored.read(prefix).expect_partial()
   # The progress counters the Checkpointer saves by name, read as values.
   reader = tf.train.load_checkpoint(prefix)
@@ -61,7 +65,7 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   step_layout.copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
   writer = checkpoints.Checkpointer(workdir, looped, target_optimizer, keep=1)
   written = writer.save(step, epoch)
-  checkpoints.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  atomic.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   return written
 
 
@@ -71,11 +75,11 @@ def main(argv):
   if not FLAGS.source or not FLAGS.workdir:
     raise app.UsageError('--source (the unrolled checkpoint) and --workdir (where the converted '
                          'checkpoint goes) are required.')
-  if checkpoints.find_checkpoint(FLAGS.workdir) is not None:
+  if checkpoint_files.find_checkpoint(FLAGS.workdir) is not None:
     raise app.UsageError(f'--workdir={FLAGS.workdir} already has a checkpoint; give a new one.')
   written = convert(build_config(FLAGS), FLAGS.source, FLAGS.workdir, FLAGS.optimizer,
                     FLAGS.learning_rate)
-  print(f'converted {checkpoints.find_checkpoint(FLAGS.source)} -> {written}')
+  print(f'converted {checkpoint_files.find_checkpoint(FLAGS.source)} -> {written}')
 
 
 if __name__ == '__main__':

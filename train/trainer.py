@@ -31,6 +31,8 @@ from absl import logging
 from tfflows import optimizers
 from tfflows import step_layout
 from train import callbacks as train_callbacks
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import checkpoints
 from train import distributed
 from train import schedule as lr_schedule
@@ -101,10 +103,10 @@ def initialise(run, model, checkpointer, first_batch):
   if resumed:
     return f'resumed from {resumed}', resumed
   if run.flags.init_from:
-    prefix = checkpoints.find_checkpoint(run.flags.init_from)
+    prefix = checkpoint_files.find_checkpoint(run.flags.init_from)
     try:
-      checkpoints.restore_model(model, prefix)
-    except checkpoints.CheckpointError as error:
+      checkpoint_contents.restore_model(model, prefix)
+    except checkpoint_files.CheckpointError as error:
       raise UserError(f'--init_from={run.flags.init_from}: {error}'
                       f'{run.init_from_config_difference()}') from None
     return f'fine-tuning from the weights of {prefix} (fresh optimizer)', None
@@ -208,7 +210,7 @@ def run_train(run):
     if workers == 1:
       raise
     raise UserError(distributed.worker_lost_message(
-        error, checkpoints.resolve(run.workdir, 'latest'))) from None
+        error, checkpoint_files.resolve(run.workdir, 'latest'))) from None
   finally:
     checkpointer.close()
   return _report(summaries, step, start, total, time.perf_counter() - started)
