@@ -257,12 +257,6 @@ class Repeated(base.FlowBijector):
   def template_variables(self):
     return list(self._template_variables.value) if self.loop else step_variables(self.template)
 
-  def unrolled_variables(self):
-    """(stacked weight, k) for each variable of the unrolled layout, in its order: step 0's
-    variables in the template's order, then step 1's, ..."""
-    ordered = self.stacked.ordered
-    return [(w, k) for k in range(self.num_steps) for w in ordered]
-
   # -- forward / inverse --------------------------------------------------------------------
   def _forward_and_log_det(self, x, **condition):
     return self._run(x, condition, inverse=False)
@@ -550,6 +544,14 @@ def find_repeated(bijector):
 
   walk(bijector)
   return found
+
+
+def has_while_loops(model):
+  """Whether any group of stacked steps of ``model`` (a Keras model or layer) runs as a
+  ``tf.while_loop`` (K >= the minimum loop length; shorter groups are traced step by step)."""
+  layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  return any(isinstance(layer, StackedWeights) and layer.num_steps >= MIN_LOOP_STEPS
+             for layer in layers)
 
 
 def unrolled_variable_layout(model):

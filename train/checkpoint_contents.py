@@ -23,7 +23,7 @@ import os
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tfflows import step_layout
+from bijectors import repeated
 from train.checkpoint_files import CheckpointError, checkpoint_files, one_line
 
 MODEL_VARIABLES = 'model_variables'
@@ -70,7 +70,7 @@ def check_model_variables(prefix, model):
   stored = len(node.children) if node is not None else 0
   variables = model.variables
   if stored != len(variables):
-    layout = step_layout.unrolled_checkpoint_message(prefix, model, stored)
+    layout = _unrolled_layout_message(prefix, model, stored)
     if layout:
       raise CheckpointError(layout)
     raise CheckpointError(
@@ -85,6 +85,23 @@ def check_model_variables(prefix, model):
           f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
           f'the model built from the flags has shape {list(v.shape)}: a different architecture '
           '(were the model flags different when it was written?).')
+
+
+def _unrolled_layout_message(prefix, model, stored):
+  """A sentence explaining the refusal when checkpoint ``prefix`` (``stored`` model variables)
+  holds this loop-layout model in the unrolled layout (``bijectors.repeated``: one set of
+  variables per step); '' when it does not."""
+  layout = repeated.unrolled_variable_layout(model)
+  if (stored == len(model.variables) or stored != len(layout)
+      or all(k is None for _, k in layout)):
+    return ''
+  return (f'checkpoint {prefix} holds this model with unrolled flow steps ({stored} variables, '
+          'one set per step, as written before repeated steps ran as loops, or with '
+          f'--nostep_loop), but the model built from the flags keeps each group of repeated '
+          f'steps as stacked weights ({len(model.variables)} variables). Convert it with '
+          '`python -m train.convert_checkpoint --flagfile=... --source=CHECKPOINT '
+          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout), or build the model '
+          'with --nostep_loop.')
 
 
 def restore_model(model, prefix):

@@ -28,8 +28,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from bijectors import repeated
 from tfflows import optimizers
-from tfflows import step_layout
 from train import callbacks as train_callbacks
 from train import checkpoint_contents
 from train import checkpoint_files
@@ -76,7 +76,7 @@ def _warn_of_xla_loops_on_cpu(model, jit_compile):
   the top level (measured: DF-74-10 at batch 4, 0.09 images/s with the steps as loops against
   1.98 unrolled, and 1.67 with loops without XLA), so say so when that is what will run."""
   if (jit_compile and not tf.config.list_logical_devices('GPU')
-      and step_layout.has_while_loops(model)):
+      and repeated.has_while_loops(model)):
     logging.warning('XLA (--jit_compile) on a CPU runs the gradients of the repeated flow '
                     'steps, which run as loops, about 20x slower than TensorFlow\'s own '
                     'kernels; on a CPU train with --nojit_compile (or --nostep_loop to keep '
