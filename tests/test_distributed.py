@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tfflows import random
 from tfflows.data import imagenet_npz
@@ -111,8 +112,6 @@ def test_npz_shards_by_file_when_the_files_divide_evenly_else_by_element(tmp_pat
 
 def test_tfds_shards_by_file_when_the_files_divide_evenly_else_by_even_ranges(tmp_path):
   """A real TFDS dataset of 12 examples in 4 files, read by TFDS as the pipeline does."""
-  tfds = pytest.importorskip('tensorflow_datasets')
-
   class ShardedToy(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
