@@ -48,15 +48,12 @@ reference, whose variables are, in order, those of the checkpoints written befor
 ``unrolled_variable_layout`` maps that layout onto the stacked one.
 """
 
-import contextlib
-
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.backend.common import global_state
-from keras.src.layers.layer import CallContext
 
 from bijectors import base
+from bijectors import keras_compat
 
 # Below this many steps the stacked steps are traced one after the other rather than looped:
 # a while loop's machinery (accumulators of the intermediates the gradient needs, TensorArrays)
@@ -149,27 +146,7 @@ def _short_path(v):
   return '.'.join(parts[1:] if len(parts) > 1 else parts)
 
 
-# -- Keras' training mode and ActNorm's data initialisation -------------------------------------
-def _current_training():
-  """The ``training`` value of the Keras call in progress (None outside any layer call)."""
-  context = global_state.get_global_attribute('current_call_ctx')
-  return None if context is None else context.get_value('training')
-
-
-@contextlib.contextmanager
-def _training_scope(training):
-  """Runs Keras layers called inside with ``training`` (as an outer layer call would); used
-  so that a step recomputed in the backward pass runs in its forward pass' mode."""
-  previous = global_state.get_global_attribute('current_call_ctx')
-  context = CallContext(entry_layer=None)
-  context.set_value('training', training)
-  global_state.set_global_attribute('current_call_ctx', context)
-  try:
-    yield
-  finally:
-    global_state.set_global_attribute('current_call_ctx', previous)
-
-
+# -- ActNorm's data initialisation ----------------------------------------------------------------
 def _in_data_initialization():
   from bijectors import actnorm  # pylint: disable=import-outside-toplevel
   probe = getattr(actnorm, 'in_data_initialization', None)
@@ -257,12 +234,6 @@ class Repeated(base.FlowBijector):
   def template_variables(self):
     return list(self._template_variables.value) if self.loop else step_variables(self.template)
 
-  def unrolled_variables(self):
-    """(stacked weight, k) for each variable of the unrolled layout, in its order: step 0's
-    variables in the template's order, then step 1's, ..."""
-    ordered = self.stacked.ordered
-    return [(w, k) for k in range(self.num_steps) for w in ordered]
-
   # -- forward / inverse --------------------------------------------------------------------
   def _forward_and_log_det(self, x, **condition):
     return self._run(x, condition, inverse=False)
@@ -327,7 +298,7 @@ class _StepLoop:
     self.r = repeated
     self.fn = fn
     self.reverse = reverse
-    self.training = _current_training()
+    self.training = keras_compat.current_training()
     self.initializing = _in_data_initialization()
     self.remat = remat and not self.initializing
     self.variables = repeated.template_variables
@@ -476,7 +447,7 @@ class _StepLoop:
     """fn on the template with theta mapped onto its variables; returns (flat carry, new
     values of the carried variables)."""
     mapping = list(zip(self.variables, theta))
-    with _training_scope(self.training), keras.StatelessScope(mapping) as scope:
+    with keras_compat.training_scope(self.training), keras.StatelessScope(mapping) as scope:
       before = [scope.get_current_value(self.variables[j]) for j in self.carried]
       out = self.fn(self.r.template, tf.nest.pack_sequence_as(structure, list(h)), kwargs)
       new = []
@@ -550,6 +521,14 @@ def find_repeated(bijector):
 
   walk(bijector)
   return found
+
+
+def has_while_loops(model):
+  """Whether any group of stacked steps of ``model`` (a Keras model or layer) runs as a
+  ``tf.while_loop`` (K >= the minimum loop length; shorter groups are traced step by step)."""
+  layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  return any(isinstance(layer, StackedWeights) and layer.num_steps >= MIN_LOOP_STEPS
+             for layer in layers)
 
 
 def unrolled_variable_layout(model):

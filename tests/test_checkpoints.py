@@ -1,5 +1,6 @@
-"""Checkpoints of a workdir (train/checkpoints.py): nothing committed is lost, nothing
-half-written is used, nothing poisoned is saved, a full disk is one clear error.
+"""Checkpoints of a workdir (train/checkpoints.py and the checkpoint_files, checkpoint_contents,
+model_vetting and disk_space modules it uses): nothing committed is lost, nothing half-written
+is used, nothing poisoned is saved, a full disk is one clear error.
 
 Every test builds a tiny Glow (8x8x1) and a Checkpointer on a temporary workdir; no training."""
 
@@ -17,7 +18,11 @@ import tfflows
 from tests import flow_checks
 from tfflows import atomic
 from train import callbacks
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import checkpoints
+from train import disk_space
+from train import model_vetting
 
 TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=1, width=4)
 
@@ -81,9 +86,9 @@ def test_checkpoints_without_a_usable_state_are_refused_not_overwritten(model, t
   before = {p: open(p, 'rb').read() for p in glob.glob(str(tmp_path / '**'), recursive=True)
             if os.path.isfile(p)}
   for call in (lambda: _checkpointer(tmp_path, model),
-               lambda: checkpoints.resolve(str(tmp_path), 'latest'),
-               lambda: checkpoints.find_checkpoint(str(tmp_path))):
-    with pytest.raises(checkpoints.CheckpointError) as error:
+               lambda: checkpoint_files.resolve(str(tmp_path), 'latest'),
+               lambda: checkpoint_files.find_checkpoint(str(tmp_path))):
+    with pytest.raises(checkpoint_files.CheckpointError) as error:
       call()
     message = str(error.value)
     assert str(state) in message and 'ckpt-4, ckpt-8' in message and 'ckpt-8' in message
@@ -126,7 +131,7 @@ def test_a_save_never_writes_beside_files_of_the_same_name(model, tmp_path, monk
   prefix = resumed.save(4, 1)
   assert seen == [[]]
   _read_all(prefix)
-  assert checkpoints.committed(str(tmp_path / 'checkpoints')) == prefix
+  assert checkpoint_files.committed(str(tmp_path / 'checkpoints')) == prefix
 
 
 def test_what_a_killed_save_leaves_is_removed_at_start(model, tmp_path):
@@ -155,24 +160,24 @@ def test_best_json_and_best_dir_agree_whenever_a_save_is_killed(model, tmp_path,
     raise Killed()
 
   # Killed after the checkpoint was written, before best.json names it.
-  monkeypatch.setattr(checkpoints, 'write_json', killed)
+  monkeypatch.setattr(atomic, 'write_json', killed)
   with pytest.raises(Killed):
     saver.save_best(2, 0, 4.0)
   monkeypatch.undo()
-  assert checkpoints.resolve(str(tmp_path), 'best') == str(best / 'ckpt-1')
+  assert checkpoint_files.resolve(str(tmp_path), 'best') == str(best / 'ckpt-1')
   saver = _checkpointer(tmp_path, model)
-  assert checkpoints.checkpoint_prefixes(str(best)) == [str(best / 'ckpt-1')]
-  assert checkpoints.read_state(str(best)) == str(best / 'ckpt-1')
+  assert checkpoint_files.checkpoint_prefixes(str(best)) == [str(best / 'ckpt-1')]
+  assert checkpoint_files.read_state(str(best)) == str(best / 'ckpt-1')
   # Killed after best.json names the new checkpoint, before best/checkpoint does.
-  monkeypatch.setattr(checkpoints, 'write_state', killed)
+  monkeypatch.setattr(checkpoint_files, 'write_state', killed)
   with pytest.raises(Killed):
     saver.save_best(3, 0, 3.0)
   monkeypatch.undo()
   assert json.loads((best / 'best.json').read_text())['checkpoint'] == 'ckpt-3'
-  assert checkpoints.resolve(str(tmp_path), 'best') == str(best / 'ckpt-3')   # readers agree
+  assert checkpoint_files.resolve(str(tmp_path), 'best') == str(best / 'ckpt-3')   # readers agree
   saver = _checkpointer(tmp_path, model)
-  assert checkpoints.read_state(str(best)) == str(best / 'ckpt-3')
-  assert checkpoints.checkpoint_prefixes(str(best)) == [str(best / 'ckpt-3')]
+  assert checkpoint_files.read_state(str(best)) == str(best / 'ckpt-3')
+  assert checkpoint_files.checkpoint_prefixes(str(best)) == [str(best / 'ckpt-3')]
   assert saver.best == 3.0
   _read_all(str(best / 'ckpt-3'))
 
@@ -181,9 +186,9 @@ def test_unreadable_best_json_beside_checkpoints_is_refused(model, tmp_path):
   saver = _checkpointer(tmp_path, model)
   assert saver.save_best(1, 0, 5.0)
   (tmp_path / 'best' / 'best.json').write_text('{"test_bits_per_dim": 5.')
-  with pytest.raises(checkpoints.CheckpointError, match='best.json cannot be read'):
+  with pytest.raises(checkpoint_files.CheckpointError, match='best.json cannot be read'):
     _checkpointer(tmp_path, model)
-  assert checkpoints.checkpoint_prefixes(str(tmp_path / 'best'))
+  assert checkpoint_files.checkpoint_prefixes(str(tmp_path / 'best'))
 
 
 # ------------------------------------------------------------ item 3: no poisoned checkpoint
@@ -193,20 +198,20 @@ def test_a_model_that_gives_nan_is_never_saved(tmp_path):
   saver.save(1, 0)
   _poison(model)
   assert all(np.all(np.isfinite(np.asarray(v))) for v in model.variables)
-  with pytest.raises(checkpoints.PoisonedWeightsError,
+  with pytest.raises(model_vetting.PoisonedWeightsError,
                      match=r'after step 2, the model gives a NaN or Inf log-likelihood for 4 of 4 '
                            r'probe test images although its weights are finite: no checkpoint is '
                            r'written; the last good checkpoint is .*ckpt-1; rerunning resumes '
                            r'from it\.'):
     saver.save(2, 0)
-  with pytest.raises(checkpoints.PoisonedWeightsError):
+  with pytest.raises(model_vetting.PoisonedWeightsError):
     saver.save_best(2, 0, 1.0)
-  assert checkpoints.checkpoint_prefixes(str(tmp_path / 'checkpoints')) == [
+  assert checkpoint_files.checkpoint_prefixes(str(tmp_path / 'checkpoints')) == [
       str(tmp_path / 'checkpoints' / 'ckpt-1')]
   assert not os.path.exists(tmp_path / 'best')
   # Restored, such a model (a checkpoint written before this check) is refused as a start.
-  checkpoints.model_checkpoint(model).write(str(tmp_path / 'checkpoints' / 'ckpt-2'))
-  with pytest.raises(checkpoints.PoisonedWeightsError, match='ckpt-2 is not a good state'):
+  checkpoint_contents.model_checkpoint(model).write(str(tmp_path / 'checkpoints' / 'ckpt-2'))
+  with pytest.raises(model_vetting.PoisonedWeightsError, match='ckpt-2 is not a good state'):
     saver.check_start('resumed from ckpt-2', str(tmp_path / 'checkpoints' / 'ckpt-2'))
 
 
@@ -253,7 +258,7 @@ def test_a_full_disk_mid_save_leaves_nothing_and_keeps_the_last_checkpoint(model
                               f'it is left; the last checkpoint, {first}, is kept)')
   assert error.value.errno == errno.ENOSPC
   assert _names(ckpt) == ['checkpoint', 'ckpt-1.data-00000-of-00001', 'ckpt-1.index']
-  assert checkpoints.committed(str(ckpt)) == first
+  assert checkpoint_files.committed(str(ckpt)) == first
   _read_all(first)
 
 
@@ -263,46 +268,9 @@ def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(model, 
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(shutil, 'disk_usage',
                       lambda path: usage._replace(free=4096))
-  needed = checkpoints.checkpoint_bytes(list(model.variables) + list(model.optimizer.variables))
+  needed = disk_space.checkpoint_bytes(list(model.variables) + list(model.optimizer.variables))
   assert needed > 4096
   with pytest.raises(atomic.WriteError, match=r'cannot write .*: No space left on device: '
                                               r'4\.0 KiB free, a checkpoint of this model needs'):
     _checkpointer(tmp_path / 'run', model)
   assert not os.path.exists(tmp_path / 'run')
-
-
-def test_json_never_holds_nan(tmp_path):
-  path = tmp_path / 'eval.json'
-  with pytest.raises(FloatingPointError,
-                     match=r'refusing to write .*eval\.json: bits_per_dim_iw is nan; JSON cannot'):
-    checkpoints.write_json(path, {'bits_per_dim_iw': float('nan'), 'k': 4})
-  assert not os.listdir(tmp_path)
-
-
-def test_atomic_writes_leave_the_old_file_on_a_full_disk(tmp_path, monkeypatch):
-  path = tmp_path / 'flags.txt'
-  path.write_text('--old\n')
-  real_fdopen = os.fdopen
-
-  class HalfWriter:
-    def __init__(self, fd, mode):
-      self.file = real_fdopen(fd, mode)
-
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      self.file.close()
-
-    def write(self, data):
-      self.file.write(data[:len(data) // 2])
-      self.file.flush()
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-  monkeypatch.setattr(atomic.os, 'fdopen', HalfWriter)
-  with pytest.raises(atomic.WriteError) as error:
-    atomic.write_text(path, '--new_flags_that_do_not_fit\n')
-  monkeypatch.undo()
-  assert str(error.value) == f'cannot write {path}: No space left on device'
-  assert isinstance(error.value, OSError) and error.value.errno == errno.ENOSPC
-  assert path.read_text() == '--old\n' and os.listdir(tmp_path) == ['flags.txt']

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tfflows import data
 from tfflows.data import embedded
@@ -301,7 +302,6 @@ def test_tfds_missing_data_is_explained(tmp_path):
 @pytest.mark.parametrize('name, shape', [('mnist', (32, 32, 1)), ('cifar10', (32, 32, 3)),
                                          ('celeba64', (64, 64, 3))])
 def test_tfds_mock_data_shapes(name, shape, tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=6):
     ds = data.make_dataset(name, 'train', 3, data_dir=str(tmp_path), translate_pixels=1,
                            deterministic=True)
@@ -310,7 +310,6 @@ def test_tfds_mock_data_shapes(name, shape, tmp_path):
 
 
 def test_tfds_imagenet_resized_mock(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=3):
     ds = tfds_datasets.load_tfds('imagenet32', 'test', str(tmp_path))
     image, label = next(iter(ds))

@@ -483,8 +483,7 @@ def test_benchmark_program_reports_every_part():
     # oneDNN off): reported as unavailable, never asserted. With oneDNN on, the CPU allocator
     # counts only allocations of 256 KiB or more, so this tiny model may read 0.
     assert r.tensor_peak_gb is None or r.tensor_peak_gb >= 0
-  table = benchmark.format_table(rows).splitlines()
-  assert 'tensor peak GB' in table[0] and len(table) == 4
-  for line, r in zip(table[1:], rows):
-    expected = 'unavailable' if r.tensor_peak_gb is None else f'{r.tensor_peak_gb:.2f}'
-    assert line.split()[-1] == expected and line.split()[-3] == '-'
+  table = benchmark.format_table(rows).splitlines()   # a header, then one line a part
+  assert [line.split()[0] for line in table[1:]] == [r.part for r in rows]
+  for line, r in zip(table[1:], rows):   # a figure the allocator cannot give is named
+    assert ('unavailable' in line) == (r.tensor_peak_gb is None)

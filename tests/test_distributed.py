@@ -20,13 +20,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tfflows import random
 from tfflows.data import imagenet_npz
 from tfflows.data import pipeline
 from tfflows.data import sharding
 from tfflows.data import tfds_datasets
-from train import checkpoints
+from train import checkpoint_files
 from train import distributed
 from train import modes
 
@@ -111,8 +112,6 @@ def test_npz_shards_by_file_when_the_files_divide_evenly_else_by_element(tmp_pat
 
 def test_tfds_shards_by_file_when_the_files_divide_evenly_else_by_even_ranges(tmp_path):
   """A real TFDS dataset of 12 examples in 4 files, read by TFDS as the pipeline does."""
-  tfds = pytest.importorskip('tensorflow_datasets')
-
   class ShardedToy(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
@@ -251,7 +250,7 @@ def _wait_for_checkpoint(workdir, step, processes, deadline_seconds=900):
   deadline = time.time() + deadline_seconds
   while time.time() < deadline:
     prefix = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
-    if prefix and checkpoints.step_of(prefix) >= step:
+    if prefix and checkpoint_files.step_of(prefix) >= step:
       return
     assert all(p.poll() is None for p, _ in processes), 'a worker exited early'
     time.sleep(0.2)
@@ -271,7 +270,7 @@ def test_multiworker_sigkill_stops_the_survivor_and_a_rerun_resumes(tmp_path):
   killed = time.time()
   codes, logs = _finish(processes, timeout=300)
   assert codes[0] == 1 and time.time() - killed < 120, logs[0][-3000:]
-  latest = checkpoints.step_of(tf.train.latest_checkpoint(str(workdir / 'checkpoints')))
+  latest = checkpoint_files.step_of(tf.train.latest_checkpoint(str(workdir / 'checkpoints')))
   assert latest >= 10 and latest % 5 == 0
   assert 'a worker of the multi-worker run was lost' in logs[0]
   assert f"last checkpoint is {workdir}/checkpoints/ckpt-{latest}." in logs[0]

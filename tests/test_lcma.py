@@ -18,6 +18,8 @@ import bijectors
 import tfflows
 from bijectors import ordered
 from tests import flow_checks
+from tests import flagfiles
+from tfflows import export
 from tfflows import lcma
 from tfflows.data import load_embedded
 
@@ -361,7 +363,6 @@ def test_two_phase_workflow_end_to_end(tmp_path, pretrained):
   np.testing.assert_array_equal(again.log_weight(x, midpoint=True),
                                 model.log_weight(x, midpoint=True))
   # Export: the served numbers are the Python model's.
-  export = pytest.importorskip('tfflows.export', reason='tfflows.export (issue 3) not merged')
   export_dir = export.export_saved_model(model, tmp_path / 'export' / '1')
   loaded, exported_config = export.load_exported(export_dir)
   assert exported_config.split == 'lcma' and exported_config.lcma_masks == path
@@ -377,28 +378,16 @@ def test_two_phase_workflow_end_to_end(tmp_path, pretrained):
 # -- the flagfiles -------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', ['celeba64', 'cifar10', 'imagenet32', 'imagenet64', 'mnist'])
 def test_flagfiles_describe_valid_lcma_models(name):
-  """Each configs/lcma_*.flags holds the paper's settings and a valid LCMA config whose
-  phase-1 variant (--split=none) is valid too (train.main parses the same lines)."""
-  from tfflows.data import dataset_info  # pylint: disable=import-outside-toplevel
+  """Each configs/lcma_*.flags, read by train.main's flags, holds the paper's settings and a
+  valid LCMA config whose phase-1 variant (--split=none) is valid too."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  values = {}
-  with open(os.path.join(root, 'configs', f'lcma_{name}.flags'), encoding='utf-8') as f:
-    for line in f:
-      line = line.strip()
-      if line.startswith('--') and '=' in line:
-        key, value = line[2:].split('=', 1)
-        values[key] = value
-  assert values['model'] == 'realnvp' and values['split'] == 'lcma'
-  assert values['optimizer'] == 'adam' and float(values['learning_rate']) == 1e-3
-  assert float(values['scale_l2']) == 5e-5 and float(values['max_grad_norm']) == 100
-  assert float(values['logit_alpha']) == 0.05 and int(values['batch_size']) == 64
-  image_shape = dataset_info(values['dataset'])[0]
-  fields = {k: values[k] for k in ('num_scales', 'res_blocks', 'base_width')}
-  config = tfflows.FlowConfig(model='realnvp', image_shape=image_shape, split='lcma',
-                              lcma_masks=values['lcma_masks'],
-                              **{k: int(v) for k, v in fields.items()})
+  values, config = flagfiles.parse(os.path.join(root, 'configs', f'lcma_{name}.flags'))
+  assert config.model == 'realnvp' and config.split == 'lcma'
+  assert values['optimizer'] == 'adam' and values['learning_rate'] == 1e-3
+  assert values['scale_l2'] == 5e-5 and values['max_grad_norm'] == 100
+  assert config.logit_alpha == 0.05 and values['batch_size'] == 64
   config.replace(split='none')
-  shapes = lcma.level_shapes(image_shape, config.num_scales - 1)
+  shapes = lcma.level_shapes(config.image_shape, config.num_scales - 1)
   # The last scale runs at 4x4 (RealNVP's recursion ends there); CIFAR-10 scales once.
   assert shapes[-1][0] == {'celeba64': 4, 'imagenet64': 4, 'imagenet32': 4, 'cifar10': 16,
                            'mnist': 8}[name]

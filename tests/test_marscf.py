@@ -13,6 +13,7 @@ from tfflows import interpolation
 from tfflows.distributions import joint
 from tfflows.distributions.mar_prior import MARPrior, marps_num_steps
 from tfflows.models import marscf
+from tests import flagfiles
 from tests import flow_checks
 
 TINY = dict(model='marscf', image_shape=(8, 8, 1), num_levels=2, steps_per_level=2, width=8,
@@ -247,19 +248,6 @@ def test_marps_timing_table():
   assert marps_timing.levels_for(32) == 3 and marps_timing.levels_for(64) == 4
 
 
-def _flagfile_config(path):
-  """The FlowConfig fields a flagfile sets (plain --name=value lines)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  types = {f.name: type(f.default) for f in dataclasses.fields(tfflows.FlowConfig)}
-  values = {}
-  for line in path.read_text().splitlines():
-    if line.startswith('--') and '=' in line:
-      name, value = line[2:].split('=', 1)
-      if name in types and types[name] in (int, float, str):
-        values[name] = types[name](value)
-  return values
-
-
 @pytest.mark.parametrize('name, levels, coupling, steps, width', [
     ('marscf_affine_cifar10', 3, 'affine', 32, 512),
     ('marscf_mixlogcdf_cifar10', 3, 'mixlogcdf', 4, 96),
@@ -269,16 +257,15 @@ def _flagfile_config(path):
     ('marscf_mixlogcdf_mnist', 3, 'mixlogcdf', 2, 32),
 ])
 def test_configs(name, levels, coupling, steps, width):
+  """Each configs/marscf_*.flags, read by train.main's flags, holds the paper's settings."""
   import pathlib  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(__file__).resolve().parent.parent / 'configs' / f'{name}.flags'
-  values = _flagfile_config(path)
-  config = tfflows.FlowConfig(**values)
+  values, config = flagfiles.parse(path)
   assert (config.model, config.num_levels, config.coupling, config.steps_per_level,
           config.width) == ('marscf', levels, coupling, steps, width)
-  text = path.read_text()
   if 'mnist' not in name:
-    assert '--learning_rate=8e-4' in text and '--optimizer=adamax' in text
-    assert f'--batch_size={128 if coupling == "affine" else 64}' in text
+    assert values['learning_rate'] == 8e-4 and values['optimizer'] == 'adamax'
+    assert values['batch_size'] == (128 if coupling == 'affine' else 64)
     assert config.mar_hidden == 32 and config.mar_layers == 3
     if coupling == 'mixlogcdf':
       assert (config.num_components, config.dropout, config.coupling_blocks) == (32, 0.2, 10)

@@ -2,7 +2,7 @@
 
 For every model family the loop layout (the default) and the unrolled reference
 (``step_loop=False``) are built, the unrolled model's weights are copied into the stacked ones
-(``tfflows.step_layout``), and the two must agree: ActNorm's data-dependent initialisation,
+(``train.convert_checkpoint``), and the two must agree: ActNorm's data-dependent initialisation,
 forward and log-det (the log-weight), the inverse (decode), gradients, batch-norm statistics
 and dropout seeds after a training pass. Then rematerialisation, per-step parity, the
 checkpoint layouts and the ``auto`` precision decision.
@@ -16,9 +16,11 @@ import tensorflow as tf
 import bijectors as fb
 import tfflows
 from bijectors import repeated
-from tfflows import step_layout
+from tfflows import atomic
 from tfflows.nn import precision
+from train import checkpoint_contents
 from train import checkpoints
+from train import convert_checkpoint
 
 IMAGE_SHAPE = (8, 8, 1)
 # K >= 3 steps, so the repeated steps run as tf.while_loop (fewer are traced one by one).
@@ -50,15 +52,17 @@ def _pair(name, **changes):
   rng = np.random.RandomState(1)
   for v in unrolled.trainable_variables:
     v.assign(v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype))
-  step_layout.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
+  convert_checkpoint.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
   return unrolled, looped
 
 
 def _assert_same_variables(unrolled, looped, atol=0.):
   """Every variable of the unrolled model equals its counterpart in the loop layout."""
-  mine = step_layout.unrolled_values(looped)
-  assert len(mine) == len(unrolled.variables)
-  for value, v in zip(mine, unrolled.variables):
+  layout = repeated.unrolled_variable_layout(looped)
+  assert len(layout) == len(unrolled.variables)
+  for (mine, k), v in zip(layout, unrolled.variables):
+    value = mine.numpy() if k is None else mine.numpy()[k]
+    assert value.shape == tuple(v.shape), v.path
     np.testing.assert_allclose(value, v.numpy(), atol=atol, rtol=0, err_msg=v.path)
 
 
@@ -77,7 +81,7 @@ def _as_unrolled(looped, grads):
   by_id = {id(v): np.asarray(tf.convert_to_tensor(g)) for v, g in
            zip(looped.trainable_variables, grads)}
   return [by_id[id(v)] if k is None else by_id[id(v)][k]
-          for v, k in step_layout.unrolled_layout(looped) if v.trainable]
+          for v, k in repeated.unrolled_variable_layout(looped) if v.trainable]
 
 
 def _assert_close_gradients(mine, reference, rtol):
@@ -95,8 +99,8 @@ def test_loop_equals_unrolled_steps(name):
   unrolled, looped = _pair(name)
   assert any(isinstance(b, repeated.Repeated) and b.loop for b in
              repeated.find_repeated(looped.flow))
-  assert step_layout.unrolled_shapes(looped) == [tuple(v.shape) for v in unrolled.variables]
   assert len(looped.variables) < len(unrolled.variables)
+  assert repeated.has_while_loops(looped) and not repeated.has_while_loops(unrolled)
   images = _images()
   unrolled.initialize(images)
   looped.initialize(images)
@@ -258,7 +262,7 @@ def test_unrolled_checkpoint_is_refused_then_converted(tmp_path):
   """A training checkpoint of the unrolled layout restored into the loop layout fails with a
   message naming the layout and the converter; converted (weights, Adamax slots, counters), it
   restores and gives the unrolled model's numbers."""
-  from train import convert_checkpoint, trainer  # pylint: disable=import-outside-toplevel
+  from train import trainer  # pylint: disable=import-outside-toplevel
   unrolled, looped = _pair('glow')
   images = _images()
   unrolled.initialize(images)
@@ -269,7 +273,7 @@ def test_unrolled_checkpoint_is_refused_then_converted(tmp_path):
   source = checkpoints.Checkpointer(str(tmp_path / 'old'), unrolled, optimizer, keep=1)
   prefix = source.save(step=7, epoch=1)
   with pytest.raises(ValueError, match='unrolled flow steps.*train.convert_checkpoint'):
-    checkpoints.restore_model(looped, prefix)
+    checkpoint_contents.restore_model(looped, prefix)
   convert_checkpoint.convert(looped.config, prefix, str(tmp_path / 'new'))
   fresh = tfflows.build_model(looped.config)
   fresh_optimizer = trainer.make_optimizer('adamax', 1e-3)
@@ -278,9 +282,9 @@ def test_unrolled_checkpoint_is_refused_then_converted(tmp_path):
   assert target.restore_latest().endswith('ckpt-7') and int(target.epoch.numpy()) == 1
   assert int(fresh_optimizer.iterations.numpy()) == 1
   _assert_same_variables(unrolled, fresh)
-  _, slots = step_layout.optimizer_slot_lists(fresh_optimizer)
-  _, old_slots = step_layout.optimizer_slot_lists(optimizer)
-  trainable = [(v, k) for v, k in step_layout.unrolled_layout(fresh) if v.trainable]
+  _, slots = convert_checkpoint.optimizer_slot_lists(fresh_optimizer)
+  _, old_slots = convert_checkpoint.optimizer_slot_lists(optimizer)
+  trainable = [(v, k) for v, k in repeated.unrolled_variable_layout(fresh) if v.trainable]
   index = {id(v): i for i, v in enumerate(fresh.trainable_variables)}
   for new, old in zip(slots, old_slots):
     for (v, k), value in zip(trainable, old):
@@ -324,8 +328,8 @@ def test_runtime_fields_do_not_block_resuming(tmp_path):
   --conditioner_precision=auto; an architecture field still has to match."""
   from train import run  # pylint: disable=import-outside-toplevel
   config = tfflows.FlowConfig(**FAMILIES['denseflow'])
-  checkpoints.write_json(str(tmp_path / 'config.json'),
-                         config.replace(conditioner_precision='bfloat16').to_dict())
+  atomic.write_json(str(tmp_path / 'config.json'),
+                    config.replace(conditioner_precision='bfloat16').to_dict())
   run._check_workdir_config(str(tmp_path), config.replace(remat='step',  # pylint: disable=protected-access
                                                           conditioner_precision='auto'))
   with pytest.raises(Exception, match='step_loop'):

@@ -4,15 +4,20 @@
 * building blocks (bijectors, nn, distributions, data, split permutations, ...) never import a
   model, and models never import the analyses and tools above them (lcma, export, sampling,
   interpolation);
-* the library never imports the program (``train``), and programs live in ``train/``.
+* the library never imports the program (``train``), and programs live in ``train/``;
+* no module imports Keras' private ``keras.src`` but ``bijectors.keras_compat``, whose Keras is
+  the one setup.cfg allows.
 
 Imports inside functions count: a deferred import is still a dependency.
 """
 
 import ast
+import configparser
+import importlib.metadata
 import os
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('bijectors', 'tfflows')
@@ -21,12 +26,14 @@ MODELS = 'tfflows.models'
 ABOVE_MODELS = ('tfflows.lcma', 'tfflows.export', 'tfflows.sampling', 'tfflows.interpolation')
 # The one program kept in the library: it rebuilds the data file shipped next to it.
 PROGRAMS_IN_LIBRARY = {'tfflows.data.make_embedded'}
+# The one module allowed to import keras.src (Keras has no public API for what it does).
+KERAS_PRIVATE_ADAPTER = 'bijectors.keras_compat'
 
 
-def _modules():
+def _modules(packages=PACKAGES):
   """{module name: path} for every .py file of the packages."""
   found = {}
-  for package in PACKAGES:
+  for package in packages:
     for directory, _, files in os.walk(os.path.join(ROOT, package)):
       for name in files:
         if not name.endswith('.py'):
@@ -38,21 +45,24 @@ def _modules():
   return found
 
 
-def _imports(path, known):
-  """Internal modules imported anywhere in the file (top level or inside functions)."""
+def _imported(path):
+  """[(module, name or None)] of every absolute import in the file (top level or inside
+  functions): ``import a.b`` gives ('a.b', None), ``from a import b`` gives ('a', 'b')."""
   with open(path, encoding='utf-8') as f:
     tree = ast.parse(f.read(), path)
-  out = set()
+  out = []
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
-      names = [a.name for a in node.names]
+      out.extend((a.name, None) for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-      names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in known else node.module
-               for a in node.names]
-    else:
-      continue
-    out.update(n for n in names if n.split('.')[0] in PACKAGES + ('train',))
+      out.extend((node.module, a.name) for a in node.names)
   return out
+
+
+def _imports(path, known):
+  """Internal modules imported anywhere in the file."""
+  names = {f'{m}.{n}' if n and f'{m}.{n}' in known else m for m, n in _imported(path)}
+  return {n for n in names if n.split('.')[0] in PACKAGES + ('train',)}
 
 
 def _graph():
@@ -138,3 +148,30 @@ def test_programs_live_in_train():
 
 def test_the_cycle_detector_sees_a_cycle():
   assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+
+
+def _keras_private_imports(path):
+  """The ``keras.src`` modules a file imports (``from keras import src`` included)."""
+  names = {f'{m}.{n}' if n else m for m, n in _imported(path)}
+  return {n for n in names if n == 'keras.src' or n.startswith('keras.src.')}
+
+
+def test_only_the_adapter_imports_keras_private_modules():
+  modules = _modules(PACKAGES + ('train',))
+  wrong = sorted(f'{m} imports {", ".join(sorted(found))}' for m, path in modules.items()
+                 for found in [_keras_private_imports(path)]
+                 if found and m != KERAS_PRIVATE_ADAPTER)
+  assert wrong == []
+  assert _keras_private_imports(modules[KERAS_PRIVATE_ADAPTER])   # the check sees imports
+
+
+def test_installed_keras_is_the_one_setup_cfg_allows():
+  """bijectors.keras_compat relies on keras.src as it is in the Keras versions setup.cfg
+  allows: the Keras installed must be one of them."""
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(ROOT, 'setup.cfg'))
+  requirements = [Requirement(line) for line in
+                  setup['options']['install_requires'].split('\n') if line.strip()]
+  keras_range = next(r.specifier for r in requirements if r.name == 'keras')
+  installed = importlib.metadata.version('keras')
+  assert keras_range.contains(installed), (installed, str(keras_range))

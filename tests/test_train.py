@@ -25,15 +25,18 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from tests import flagfiles
 from tests import flow_checks
 import tfflows
 from tfflows.models import denseflow
 from train import callbacks
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import checkpoints
 from train import flags as train_flags
 from train import main as train_main
+from train import model_vetting
 from train import modes
-from train import run as run_module
 from train import schedule
 from train import trainer
 from train.flags import FLAGS
@@ -67,7 +70,7 @@ def _ckpt_value(prefix, key):
 
 
 def _steps(workdir, sub='checkpoints'):
-  return sorted(checkpoints.step_of(p[:-len('.index')])
+  return sorted(checkpoint_files.step_of(p[:-len('.index')])
                 for p in glob.glob(os.path.join(workdir, sub, 'ckpt-*.index')))
 
 
@@ -89,13 +92,13 @@ def test_flagfile_values_are_overridden_by_the_command_line(tmp_path):
   assert run.modes == ['train'] and run.temperatures == [1.0, 0.8]
 
 
-def test_every_config_field_is_a_flag_with_help():
+def test_every_config_field_is_a_documented_flag():
+  """A FlowConfig field becomes a flag by itself; its help must come from MODEL_HELP, the
+  field's metadata or its comment in config.py, not the generated fallback."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   for field in dataclasses.fields(tfflows.FlowConfig):
-    flag = FLAGS[field.name]
-    assert flag.help and len(flag.help) > len('[model] '), field.name
-  for name in ('learning_rate', 'lr_decay', 'strategy', 'init_from', 'mixed_precision'):
-    assert len(FLAGS[name].help) > 20
+    flag = FLAGS[train_flags.model_flag_name(field.name)]
+    assert flag.help != f'FlowConfig.{field.name}.', field.name
 
 
 @pytest.mark.parametrize('args, message', [
@@ -125,15 +128,6 @@ def test_contradictory_or_invalid_combinations_name_the_flags(tmp_path, args, me
   f = _parse(f'--workdir={tmp_path}', *args)
   with pytest.raises(app.UsageError, match=message):
     Run.from_flags(f, modes.MODES)
-
-
-def test_strategies_keep_jit_compile(tmp_path):
-  """Under a strategy XLA compiles each replica's step (tests/test_distributed.py)."""
-  for strategy in ('default', 'mirrored', 'multiworker'):
-    for flag, expected in (('--jit_compile', True), ('--nojit_compile', False)):
-      run = Run.from_flags(_parse(f'--workdir={tmp_path}', f'--strategy={strategy}', flag),
-                           modes.MODES)
-      assert run.jit_compile is expected
 
 
 def test_cli_stops_with_a_message_naming_the_problem(tmp_path):
@@ -282,12 +276,12 @@ def test_restore_gives_the_saved_optimizer_state(tmp_path):
   assert flags_ and all(np.all(f == 1.) for f in flags_)   # stacked [K] for looped steps
   # The model alone (eval, sample, export, --init_from): every variable, the priors included.
   alone = tfflows.build_model(run.config)
-  checkpoints.restore_model(alone, prefix)
+  checkpoint_contents.restore_model(alone, prefix)
   for a, b in zip(weights, alone.variables):
     np.testing.assert_array_equal(a, np.array(b), err_msg=b.path)
   other = tfflows.build_model(run.config.replace(steps_per_level=1))
   with pytest.raises(ValueError, match='different architecture'):
-    checkpoints.restore_model(other, prefix)
+    checkpoint_contents.restore_model(other, prefix)
 
 
 def test_resume_continues_step_counter_schedule_and_optimizer(trained, tmp_path, capsys):
@@ -345,9 +339,9 @@ def test_fine_tune_starts_from_other_weights_with_a_fresh_optimizer(trained, tmp
   assert _ckpt_value(prefix, 'optimizer/_iterations') == 1
   run = Run.from_flags(_parse(f'--workdir={workdir}'), modes.MODES)
   source = tfflows.build_model(run.config)
-  checkpoints.restore_model(source, os.path.join(trained, 'checkpoints', 'ckpt-4'))
+  checkpoint_contents.restore_model(source, os.path.join(trained, 'checkpoints', 'ckpt-4'))
   tuned = tfflows.build_model(run.config)
-  checkpoints.restore_model(tuned, prefix)
+  checkpoint_contents.restore_model(tuned, prefix)
   # One Adamax step at lr 2e-5 moves each weight by at most the learning rate.
   moved = [float(np.max(np.abs(np.array(a) - np.array(b))))
            for a, b in zip(source.trainable_variables, tuned.trainable_variables)]
@@ -378,7 +372,7 @@ def _assert_every_checkpoint_is_good(workdir):
         if np.issubdtype(np.asarray(value).dtype, np.floating):
           assert np.all(np.isfinite(value)), (prefix, key)
       model = tfflows.build_model(run.config)
-      checkpoints.restore_model(model, prefix)
+      checkpoint_contents.restore_model(model, prefix)
       assert np.all(np.isfinite(model.log_prob(images, seed=0).numpy())), prefix
 
 
@@ -390,7 +384,7 @@ def test_nan_weights_are_never_saved(tmp_path):
   model.optimizer.build(model.trainable_variables)
   saver = checkpoints.Checkpointer(str(tmp_path), model, model.optimizer, keep=1)
   model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan))
-  with pytest.raises(checkpoints.PoisonedWeightsError, match='NaN or Inf'):
+  with pytest.raises(model_vetting.PoisonedWeightsError, match='NaN or Inf'):
     saver.save(1, 0)
   assert not _steps(str(tmp_path))
   guard = callbacks.NonFiniteGuard('skip')
@@ -522,7 +516,7 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_pa
   def committed():
     # The step the checkpoint state names (an index file alone may still be mid-save).
     prefix = tf.train.latest_checkpoint(os.path.join(tmp_path, 'checkpoints'))
-    return checkpoints.step_of(prefix) if prefix else -1
+    return checkpoint_files.step_of(prefix) if prefix else -1
 
   try:
     deadline = time.time() + 600
@@ -543,12 +537,7 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_pa
 def test_every_flagfile_parses_into_a_valid_model_config(name):
   """Each configs/*.flags parses with the program's flags and gives a valid FlowConfig (the
   model's own checks included), without building the model."""
-  FLAGS.unparse_flags()
-  try:
-    FLAGS(['train.main', f'--flagfile={os.path.join(ROOT, "configs", name + ".flags")}'])
-    config = run_module._flow_config(FLAGS)   # pylint: disable=protected-access
-  finally:
-    FLAGS.unparse_flags()
+  _, config = flagfiles.parse(os.path.join(ROOT, 'configs', name + '.flags'))
   if config.model == 'denseflow':
     assert denseflow.parameter_count(config)['total'] > 0   # validates the block structure
 
@@ -871,8 +860,8 @@ def test_eval_sample_and_export_of_a_model_that_gives_nan_fail_and_write_nothing
   for w in flow_checks.first_level_networks(model):
     w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
   poisoned = os.path.join(workdir, 'checkpoints', 'ckpt-5')
-  checkpoints.model_checkpoint(model).write(poisoned)
-  checkpoints.write_state(os.path.join(workdir, 'checkpoints'), poisoned)
+  checkpoint_contents.model_checkpoint(model).write(poisoned)
+  checkpoint_files.write_state(os.path.join(workdir, 'checkpoints'), poisoned)
   before = _snapshot(workdir)
   for mode, expected in (('eval', f'eval: the model of {poisoned} gives NaN or Inf bits/dim'),
                          ('sample', 'model.sample(n=4, temperature=1.0): 4 of 4 images hold NaN')):
@@ -904,7 +893,7 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
         reader = tf.train.load_checkpoint(os.path.join(workdir, sub, f'ckpt-{step}'))
         for key in reader.get_variable_to_shape_map():
           reader.get_tensor(key)
-    latest = checkpoints.committed(os.path.join(workdir, 'checkpoints'))
+    latest = checkpoint_files.committed(os.path.join(workdir, 'checkpoints'))
     assert latest is not None
     fd = os.open(disk / 'fill', os.O_WRONLY | os.O_CREAT)   # fill the rest of the disk
     with contextlib.suppress(OSError):

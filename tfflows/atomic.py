@@ -2,9 +2,12 @@
 
 A write that fails (full disk, read-only directory) raises ``WriteError`` ("cannot write PATH:
 No space left on device") and leaves neither a partial file nor its temporary file behind.
+``write_json`` refuses NaN and Inf before writing anything: JSON has no such numbers.
 """
 
 import errno
+import json
+import math
 import os
 import tempfile
 
@@ -69,6 +72,32 @@ def write_bytes(path, data):
 def write_text(path, text):
   """``write_bytes`` of UTF-8 text."""
   return write_bytes(path, text.encode('utf-8'))
+
+
+def write_json(path, values):
+  """Writes ``values`` as JSON (sorted keys, indented) with ``write_text``.
+
+  Raises FloatingPointError naming the file and the keys if a value is NaN or Inf (Python's
+  json would write the invalid tokens NaN and Infinity); nothing is written then."""
+  try:
+    text = json.dumps(values, indent=2, sort_keys=True, allow_nan=False)
+  except ValueError:
+    raise FloatingPointError(f'refusing to write {path}: {", ".join(_non_finite_keys(values))}; '
+                             'JSON cannot hold NaN or Inf.') from None
+  return write_text(path, text + '\n')
+
+
+def _non_finite_keys(values, prefix=''):
+  found = []
+  items = values.items() if isinstance(values, dict) else enumerate(values) \
+      if isinstance(values, (list, tuple)) else []
+  for key, value in items:
+    name = f'{prefix}{key}'
+    if isinstance(value, float) and not math.isfinite(value):
+      found.append(f'{name} is {value}')
+    elif isinstance(value, (dict, list, tuple)):
+      found.extend(_non_finite_keys(value, name + '.'))
+  return found or ['a value is']
 
 
 def _remove_quietly(path):

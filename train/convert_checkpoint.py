@@ -6,26 +6,37 @@ r"""Converts a training checkpoint of unrolled flow steps into the stacked (loop
 Checkpoints written before repeated flow steps ran as loops (or with ``--nostep_loop``) hold one
 set of variables per step; a model built with the default ``--step_loop`` holds each group of
 repeated steps as stacked weights [K, ...] and refuses them. This program builds the model of
-the flags twice -- unrolled and stacked (``tfflows.step_layout``) -- restores the source
-checkpoint (``--source``: a checkpoint prefix, a checkpoint directory or a workdir, whose latest
-checkpoint is used) into the unrolled one with its optimizer, copies every weight, every
-optimizer slot, the optimizer's iteration count and the step and epoch counters into the
-stacked one, and writes ``--workdir``/checkpoints/ckpt-<step> and ``config.json``, so that
-``python -m train.main`` with the same flags and ``--workdir`` resumes the run there. The model
-flags must be those the source was trained with. The numbers are unchanged: the loop runs the
-same steps on the same weights.
+the flags twice -- unrolled and stacked -- restores the source checkpoint (``--source``: a
+checkpoint prefix, a checkpoint directory or a workdir, whose latest checkpoint is used) into
+the unrolled one with its optimizer, copies every weight, every optimizer slot, the
+optimizer's iteration count and the step and epoch counters into the stacked one, and writes
+``--workdir``/checkpoints/ckpt-<step> and ``config.json``, so that ``python -m train.main``
+with the same flags and ``--workdir`` resumes the run there. The model flags must be those the
+source was trained with. The numbers are unchanged: the loop runs the same steps on the same
+weights.
+
+The two layouts: for a loop-layout model, ``bijectors.repeated.unrolled_variable_layout`` lists
+where each variable of the unrolled layout lives (a whole variable, or slice k of a stacked
+weight), in the unrolled model's ``variables`` order, which is the order of its checkpoints'
+``model_variables``; ``assign_unrolled_values`` and ``copy_unrolled_optimizer`` copy values
+and optimizer slots along it.
 """
 
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import keras  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 import tfflows  # noqa: E402  pylint: disable=wrong-import-position
-from tfflows import step_layout  # noqa: E402  pylint: disable=wrong-import-position
+from bijectors import repeated  # noqa: E402  pylint: disable=wrong-import-position
+from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoint_contents  # noqa: E402  pylint: disable=wrong-import-position
+from train import checkpoint_files  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402,F401  pylint: disable=wrong-import-position
 from train import trainer  # noqa: E402  pylint: disable=wrong-import-position
@@ -39,30 +50,92 @@ flags.DEFINE_string('source', None, 'Checkpoint prefix, checkpoint directory or 
 def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   """Converts checkpoint ``source`` (unrolled layout of ``config``'s model) into ``workdir``;
   returns the new checkpoint prefix."""
-  prefix = checkpoints.find_checkpoint(source)
+  prefix = checkpoint_files.find_checkpoint(source)
   if prefix is None:
     raise ValueError(f'--source={source}: no checkpoint there.')
   config = config.replace(step_loop=True, remat='none')
   unrolled = tfflows.build_model(config.replace(step_loop=False))
   source_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   source_optimizer.build(unrolled.trainable_variables)
-  checkpoints.check_model_variables(prefix, unrolled)
-  restored = tf.train.Checkpoint(optimizer=source_optimizer,
-                                 **{checkpoints.MODEL_VARIABLES: list(unrolled.variables)})
+  checkpoint_contents.check_model_variables(prefix, unrolled)
+  restored = tf.train.Checkpoint(
+      optimizer=source_optimizer,
+      **{checkpoint_contents.MODEL_VARIABLES: list(unrolled.variables)})
   restored.read(prefix).expect_partial()
   # The progress counters the Checkpointer saves by name, read as values.
   reader = tf.train.load_checkpoint(prefix)
   step, epoch = (int(reader.get_tensor(f'{name}/.ATTRIBUTES/VARIABLE_VALUE'))
                  for name in ('step', 'epoch'))
   looped = tfflows.build_model(config)
-  step_layout.assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
+  assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
   target_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   target_optimizer.build(looped.trainable_variables)
-  step_layout.copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
+  copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
   writer = checkpoints.Checkpointer(workdir, looped, target_optimizer, keep=1)
   written = writer.save(step, epoch)
-  checkpoints.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  atomic.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   return written
+
+
+def assign_unrolled_values(model, values):
+  """Assigns values listed in the unrolled layout's order (one array per variable) to the
+  variables of ``model`` (loop layout). Raises ValueError naming the first mismatch."""
+  layout = repeated.unrolled_variable_layout(model)
+  values = list(values)
+  if len(values) != len(layout):
+    raise ValueError(f'{len(values)} values for an unrolled layout of {len(layout)} variables.')
+  stacked = {}
+  for i, ((v, k), value) in enumerate(zip(layout, values)):
+    value = np.asarray(value)
+    expected = tuple(v.shape[1:]) if k is not None else tuple(v.shape)
+    if value.shape != expected:
+      raise ValueError(f'unrolled variable {i} ({v.path}{"" if k is None else f"[{k}]"}) has '
+                       f'shape {expected}, the value given {value.shape}.')
+    if k is None:
+      v.assign(value)
+    else:
+      stacked.setdefault(id(v), (v, np.array(v.numpy())))[1][k] = value
+  for v, array in stacked.values():
+    v.assign(array)
+
+
+def optimizer_slot_lists(optimizer):
+  """The optimizer's per-variable slot lists (e.g. Adamax's m and u), each aligned with the
+  variables it was built on."""
+  variables = list(optimizer._trainable_variables)  # pylint: disable=protected-access
+  slots = []
+  for name, value in sorted(vars(optimizer).items()):
+    if (name != '_trainable_variables' and isinstance(value, (list, tuple))
+        and len(value) == len(variables) and value
+        and all(isinstance(v, keras.Variable) and tuple(v.shape) == tuple(w.shape)
+                for v, w in zip(value, variables))):
+      slots.append(list(value))
+  return variables, slots
+
+
+def copy_unrolled_optimizer(source, target, model):
+  """Copies an optimizer built on an unrolled model's trainable variables (``source``) into
+  one built on ``model``'s (loop layout; ``target``): iterations and every slot, stacked."""
+  target.iterations.assign(source.iterations)
+  src_vars, src_slots = optimizer_slot_lists(source)
+  dst_vars, dst_slots = optimizer_slot_lists(target)
+  if len(src_slots) != len(dst_slots):
+    raise ValueError(f'optimizers differ: {len(src_slots)} vs {len(dst_slots)} slot lists.')
+  position = {id(v): i for i, v in enumerate(dst_vars)}
+  trainable = [(v, k) for v, k in repeated.unrolled_variable_layout(model) if v.trainable]
+  if len(trainable) != len(src_vars):
+    raise ValueError(f'{len(src_vars)} optimised variables for {len(trainable)} trainable '
+                     'variables of the unrolled layout.')
+  for src, dst in zip(src_slots, dst_slots):
+    values = {}
+    for (v, k), slot in zip(trainable, src):
+      i = position[id(v)]
+      if k is None:
+        dst[i].assign(slot)
+      else:
+        values.setdefault(i, np.array(dst[i].numpy()))[k] = slot.numpy()
+    for i, array in values.items():
+      dst[i].assign(array)
 
 
 def main(argv):
@@ -71,11 +144,11 @@ def main(argv):
   if not FLAGS.source or not FLAGS.workdir:
     raise app.UsageError('--source (the unrolled checkpoint) and --workdir (where the converted '
                          'checkpoint goes) are required.')
-  if checkpoints.find_checkpoint(FLAGS.workdir) is not None:
+  if checkpoint_files.find_checkpoint(FLAGS.workdir) is not None:
     raise app.UsageError(f'--workdir={FLAGS.workdir} already has a checkpoint; give a new one.')
   written = convert(build_config(FLAGS), FLAGS.source, FLAGS.workdir, FLAGS.optimizer,
                     FLAGS.learning_rate)
-  print(f'converted {checkpoints.find_checkpoint(FLAGS.source)} -> {written}')
+  print(f'converted {checkpoint_files.find_checkpoint(FLAGS.source)} -> {written}')
 
 
 if __name__ == '__main__':

@@ -16,10 +16,12 @@ import numpy as np
 from absl import logging
 
 import tfflows
+from tfflows import atomic
 from tfflows.models.flow_model import NonFiniteError
 
 from tfflows.data import pipeline
-from train import checkpoints
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import progress as progress_lib
 from train import trainer
 from train.run import UserError, say
@@ -104,7 +106,7 @@ def run_eval(run):
       else:
         shown.update(len(batch))  # another worker's batch
   bound, iw = run.gather_batches(per_batch, sizes, width=2).T
-  step = checkpoints.step_of(prefix)
+  step = checkpoint_files.step_of(prefix)
   results = {
       'checkpoint': prefix, 'step': step, 'dataset': f.dataset,
       'split': 'test', 'num_images': int(bound.size), 'num_importance_samples': k,
@@ -117,7 +119,7 @@ def run_eval(run):
                      num_images=bound.size if f.eval_batches else None)
   if run.is_chief:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    checkpoints.write_json(path, results)
+    atomic.write_json(path, results)
   say('eval (%s, step %d, %d %s test images, %.0f s): bound %.4f bits/dim, importance-weighted '
       '(k=%d) %.4f bits/dim -> %s', os.path.basename(prefix), step, results['num_images'],
       f.dataset, results['seconds'], results['bits_per_dim_bound'], k,
@@ -141,7 +143,7 @@ def run_sample(run):
   from tfflows import sampling  # pylint: disable=import-outside-toplevel
   f = run.flags
   model, prefix = run.load_model()
-  step = checkpoints.step_of(prefix)
+  step = checkpoint_files.step_of(prefix)
   paths = []
   with progress(run, 'samples', f.num_samples * len(run.temperatures)) as shown:
     for t in run.temperatures:
@@ -188,7 +190,7 @@ def run_interpolate(run):
                      f'split has {len(images)}.')
   paths = np.asarray(INTERPOLATIONS[f.interpolation](model, images[:pairs], images[pairs:],
                                                      f.interpolation_steps))
-  path = result_path(run.workdir, 'interpolation', checkpoints.step_of(prefix),
+  path = result_path(run.workdir, 'interpolation', checkpoint_files.step_of(prefix),
                      name=f.interpolation)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   sampling.save_image_grid(paths, path)  # [pairs, steps, H, W, C]: one path a row
@@ -218,13 +220,13 @@ def run_memorization(run):
     train_images = _gather(run.image_batches('train'), indices)
     indices = np.searchsorted(np.unique(indices), indices)
   rows = sampling.memorization_grid(samples, train_images, indices)
-  step = checkpoints.step_of(prefix)
+  step = checkpoint_files.step_of(prefix)
   t = run.temperatures[0]
   path = result_path(run.workdir, 'memorization', step, temperature=t, seed=f.seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   sampling.save_image_grid(rows, path)
-  checkpoints.write_json(result_path(run.workdir, 'memorization_json', step, temperature=t,
-                                     seed=f.seed), {
+  atomic.write_json(result_path(run.workdir, 'memorization_json', step, temperature=t,
+                                seed=f.seed), {
       'checkpoint': prefix, 'temperature': run.temperatures[0], 'crop': crop,
       'nearest_l2': distances[:, 0].tolist(), 'distances': distances.tolist(),
       'train_indices': np.asarray(indices).tolist() if in_memory else None})
@@ -254,7 +256,7 @@ def run_export(run):
   f = run.flags
   model, prefix = run.load_model()
   base = f.export_dir or run.path('export')
-  export_dir = os.path.join(base, str(checkpoints.step_of(prefix)))
+  export_dir = os.path.join(base, str(checkpoint_files.step_of(prefix)))
   with progress(run, 'export', 3, 'stages') as shown:
     images = run.images('test', 8)
     export.export_saved_model(model, export_dir,
@@ -289,10 +291,10 @@ def run_lcma_analyze(run):
                     'with --split=none.')
   with open(os.path.join(f.init_from, 'config.json')) as config_file:
     pre_config = tfflows.FlowConfig.from_dict(json.load(config_file))
-  prefix = checkpoints.find_checkpoint(f.init_from)
+  prefix = checkpoint_files.find_checkpoint(f.init_from)
   output = os.path.abspath(f.lcma_masks or run.path(lcma.MASKS_NAME))
   path, contributions = lcma.run_lcma_analyze(
-      pre_config, lambda model: checkpoints.restore_model(model, prefix),
+      pre_config, lambda model: checkpoint_contents.restore_model(model, prefix),
       run.image_batches('train', run.eval_batch_size), output, source=prefix)
   say(lcma.describe(contributions))
   say('LCMA masks written to %s', path)

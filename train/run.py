@@ -22,7 +22,8 @@ from absl import logging
 import tfflows
 from tfflows import atomic
 from tfflows.data import pipeline
-from train import checkpoints
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import distributed
 from train import flags as train_flags
 
@@ -69,7 +70,8 @@ class Run:
     if 'export' in modes and f.export_dir:
       check_writable_dir(f.export_dir, 'export_dir')
     _check_workdir_config(workdir, config)
-    checkpoints.committed(os.path.join(workdir, checkpoints.CHECKPOINTS))  # a usable state
+    # A WORKDIR/checkpoints that holds checkpoints must have a usable state file.
+    checkpoint_files.committed(os.path.join(workdir, checkpoint_files.CHECKPOINTS))
     run = cls(flags=f, config=config, workdir=workdir, modes=modes,
               jit_compile=f.jit_compile, temperatures=temperatures)
     run._check_checkpoint_exists(trains)
@@ -81,7 +83,7 @@ class Run:
     for mode in self.modes:
       if mode in trains:
         return
-      if checkpoints.resolve(self.workdir, self.flags.checkpoint) is None:
+      if checkpoint_files.resolve(self.workdir, self.flags.checkpoint) is None:
         raise app.UsageError(
             f'--mode={mode} needs a trained model but --checkpoint={self.flags.checkpoint} '
             f'finds no checkpoint in --workdir={self.workdir}; train first (--mode=train,{mode})'
@@ -180,12 +182,12 @@ class Run:
     """(model, checkpoint prefix): the model built from the flags, restored from the
     checkpoint --checkpoint names (cached per checkpoint within one invocation)."""
     which = which or self.flags.checkpoint
-    prefix = checkpoints.resolve(self.workdir, which)
+    prefix = checkpoint_files.resolve(self.workdir, which)
     if prefix is None:
       raise UserError(f'--checkpoint={which}: no checkpoint found in {self.workdir}.')
     if prefix not in self._models:
       model = self.build_model()
-      checkpoints.restore_model(model, prefix)
+      checkpoint_contents.restore_model(model, prefix)
       logging.info('restored the model of %s', prefix)
       self._models = {prefix: model}
     return self._models[prefix], prefix
@@ -203,7 +205,7 @@ class Run:
     flagfile that reproduces the run), each atomically: a failing run never leaves a truncated
     one."""
     if not os.path.exists(self.path(CONFIG_JSON)):
-      checkpoints.write_json(self.path(CONFIG_JSON), self.config.to_dict())
+      atomic.write_json(self.path(CONFIG_JSON), self.config.to_dict())
     atomic.write_text(self.path(FLAGS_TXT), train_flags.flagfile_text(self.flags, header=(
         'The flags of the last training invocation of this run; to rerun it (resume):\n'
         f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
@@ -278,7 +280,8 @@ def _config_differences(stored, config, where='workdir'):
 
 
 # Subdirectories the modes write to: each that exists must be writable too.
-WORKDIR_SUBDIRS = (checkpoints.CHECKPOINTS, checkpoints.BEST, 'samples', 'export', 'tensorboard')
+WORKDIR_SUBDIRS = (checkpoint_files.CHECKPOINTS, checkpoint_files.BEST, 'samples', 'export',
+                   'tensorboard')
 
 
 def check_writable_dir(path, flag, subdirs=()):
@@ -341,6 +344,6 @@ def _check_combinations(f):
       os.path.abspath(f.workdir), os.path.join(os.path.abspath(f.workdir), 'checkpoints')):
     raise app.UsageError('--init_from names --workdir itself; rerunning resumes anyway. Give '
                          'the workdir of the run to fine-tune from.')
-  if f.init_from and checkpoints.find_checkpoint(f.init_from) is None:
+  if f.init_from and checkpoint_files.find_checkpoint(f.init_from) is None:
     raise app.UsageError(f'--init_from={f.init_from}: no checkpoint there (give a workdir, '
                          'WORKDIR/best, or a checkpoint prefix).')

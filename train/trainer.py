@@ -28,9 +28,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from bijectors import repeated
 from tfflows import optimizers
-from tfflows import step_layout
 from train import callbacks as train_callbacks
+from train import checkpoint_contents
+from train import checkpoint_files
 from train import checkpoints
 from train import distributed
 from train import schedule as lr_schedule
@@ -74,7 +76,7 @@ def _warn_of_xla_loops_on_cpu(model, jit_compile):
   the top level (measured: DF-74-10 at batch 4, 0.09 images/s with the steps as loops against
   1.98 unrolled, and 1.67 with loops without XLA), so say so when that is what will run."""
   if (jit_compile and not tf.config.list_logical_devices('GPU')
-      and step_layout.has_while_loops(model)):
+      and repeated.has_while_loops(model)):
     logging.warning('XLA (--jit_compile) on a CPU runs the gradients of the repeated flow '
                     'steps, which run as loops, about 20x slower than TensorFlow\'s own '
                     'kernels; on a CPU train with --nojit_compile (or --nostep_loop to keep '
@@ -101,10 +103,10 @@ def initialise(run, model, checkpointer, first_batch):
   if resumed:
     return f'resumed from {resumed}', resumed
   if run.flags.init_from:
-    prefix = checkpoints.find_checkpoint(run.flags.init_from)
+    prefix = checkpoint_files.find_checkpoint(run.flags.init_from)
     try:
-      checkpoints.restore_model(model, prefix)
-    except checkpoints.CheckpointError as error:
+      checkpoint_contents.restore_model(model, prefix)
+    except checkpoint_files.CheckpointError as error:
       raise UserError(f'--init_from={run.flags.init_from}: {error}'
                       f'{run.init_from_config_difference()}') from None
     return f'fine-tuning from the weights of {prefix} (fresh optimizer)', None
@@ -208,7 +210,7 @@ def run_train(run):
     if workers == 1:
       raise
     raise UserError(distributed.worker_lost_message(
-        error, checkpoints.resolve(run.workdir, 'latest'))) from None
+        error, checkpoint_files.resolve(run.workdir, 'latest'))) from None
   finally:
     checkpointer.close()
   return _report(summaries, step, start, total, time.perf_counter() - started)

@@ -1,0 +1,123 @@
+"""What a checkpoint holds: the model's variables as one list, checked before they are read.
+
+A training checkpoint is a ``tf.train.Checkpoint(model_variables, optimizer, step, epoch)``:
+``model_variables`` is ``model.variables`` as a list, in the model's fixed construction order:
+every Keras weight (ActNorm's ``initialized`` flags included, so a restored model does not
+initialise again) and the state of every Keras SeedGenerator. The optimizer brings its
+iteration count and moments; step and epoch are the counters of the run.
+
+Why a list and not ``model=model``: tf.train.Checkpoint follows the attributes of a Keras 3
+model only partly. It does not see SeedGenerator states, nor layers held in plain Python lists
+(FlowModel.priors), so a model restored through ``model=`` silently keeps the initial values of
+its priors (a full restore hid this by finding those weights through the optimizer's list of
+trainable variables). A list of ``model.variables`` is complete by construction.
+
+Rules: before anything is read, the checkpoint's object graph (a proto in the checkpoint) must
+hold exactly the model's variables, count and shapes, else ``CheckpointError`` names the first
+difference (and the converter, for a checkpoint of unrolled flow steps); files that cannot be
+read give ``CheckpointError`` naming the checkpoint and its files.
+"""
+
+import os
+
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from bijectors import repeated
+from train.checkpoint_files import CheckpointError, checkpoint_files, one_line
+
+MODEL_VARIABLES = 'model_variables'
+
+# What TensorFlow raises reading damaged checkpoint files: OpErrors (DataLossError "not an
+# sstable"), and from the checkpoint reader's bindings IndexError ("Read less bytes than
+# requested") or ValueError.
+READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
+
+
+def model_checkpoint(model):
+  """A checkpoint of the model alone (restores from a full training checkpoint)."""
+  return tf.train.Checkpoint(**{MODEL_VARIABLES: list(model.variables)})
+
+
+def _reader(prefix):
+  try:
+    return tf.train.load_checkpoint(prefix)
+  except READ_ERRORS as error:
+    raise CheckpointError(unreadable(prefix, error)) from None
+
+
+def unreadable(prefix, error):
+  """The message of a CheckpointError for checkpoint files that cannot be read."""
+  return (f'checkpoint {prefix} cannot be read ({one_line(error)}): its files '
+          f'({", ".join(os.path.basename(p) for p in checkpoint_files(prefix)) or "none"}) are '
+          'truncated or damaged.')
+
+
+def check_model_variables(prefix, model):
+  """Raises CheckpointError (a ValueError) unless checkpoint ``prefix`` holds exactly the
+  model's variables: as many, each of the same shape (a checkpoint of another architecture
+  would otherwise restore partly, or fail deep inside TensorFlow). The message names the
+  first variable that differs."""
+  reader = _reader(prefix)
+  try:
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
+  except READ_ERRORS as error:
+    raise CheckpointError(unreadable(prefix, error)) from None
+  root = graph.nodes[0]
+  node = next((graph.nodes[c.node_id] for c in root.children if c.local_name == MODEL_VARIABLES),
+              None)
+  stored = len(node.children) if node is not None else 0
+  variables = model.variables
+  if stored != len(variables):
+    layout = _unrolled_layout_message(prefix, model, stored)
+    if layout:
+      raise CheckpointError(layout)
+    raise CheckpointError(
+        f'checkpoint {prefix} holds {stored} model variables, the model built from the flags '
+        f'has {len(variables)}: a different architecture (were the model flags different when '
+        'it was written?).')
+  shapes = reader.get_variable_to_shape_map()
+  for i, v in enumerate(variables):
+    stored_shape = shapes.get(f'{MODEL_VARIABLES}/{i}/.ATTRIBUTES/VARIABLE_VALUE')
+    if stored_shape is not None and list(stored_shape) != list(v.shape):
+      raise CheckpointError(
+          f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
+          f'the model built from the flags has shape {list(v.shape)}: a different architecture '
+          '(were the model flags different when it was written?).')
+
+
+def _unrolled_layout_message(prefix, model, stored):
+  """A sentence explaining the refusal when checkpoint ``prefix`` (``stored`` model variables)
+  holds this loop-layout model in the unrolled layout (``bijectors.repeated``: one set of
+  variables per step); '' when it does not."""
+  layout = repeated.unrolled_variable_layout(model)
+  if (stored == len(model.variables) or stored != len(layout)
+      or all(k is None for _, k in layout)):
+    return ''
+  return (f'checkpoint {prefix} holds this model with unrolled flow steps ({stored} variables, '
+          'one set per step, as written before repeated steps ran as loops, or with '
+          f'--nostep_loop), but the model built from the flags keeps each group of repeated '
+          f'steps as stacked weights ({len(model.variables)} variables). Convert it with '
+          '`python -m train.convert_checkpoint --flagfile=... --source=CHECKPOINT '
+          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout), or build the model '
+          'with --nostep_loop.')
+
+
+def restore_model(model, prefix):
+  """Loads the model weights (and SeedGenerator states) of checkpoint ``prefix``.
+
+  Raises CheckpointError (a ValueError) naming the checkpoint when its files cannot be read or
+  it holds another architecture."""
+  check_model_variables(prefix, model)
+  try:
+    status = model_checkpoint(model).read(prefix)
+  except READ_ERRORS as error:
+    raise CheckpointError(unreadable(prefix, error)) from None
+  status.expect_partial()
+  try:
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError) as error:
+    raise CheckpointError(f'checkpoint {prefix} does not hold this model (were the model flags '
+                          f'different when it was written?): {str(error)[:500]}') from None
+  return prefix
