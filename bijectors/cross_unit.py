@@ -83,7 +83,7 @@ class CrossUnitNet(keras.layers.Layer):
                        f'got shape {input_shape}.')
     spatial = tuple(input_shape[:-1])
     self.hidden = torch_init.Conv2D(self.hidden_multiplier * int(channels), 3, padding='same',
-                                    activation='relu', name='conv3x3')
+                                    activation='relu', name='conv3x3', dtype=self.dtype_policy)
     self.hidden.build(input_shape)
     self.out.build(spatial + (self.hidden_multiplier * int(channels),))
 

@@ -192,6 +192,26 @@ def test_every_bijector_class_has_a_contract_case():
                        f'{sorted(c.__name__ for c in missing)}')
 
 
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_every_bijector_keeps_the_mixed_policy_it_was_created_under(name, restore_policy):
+  """A bijector created under a mixed Keras policy and first called (so built) after the policy
+  is back to float32 keeps the policy in every layer (the sublayers a layer creates when it is
+  built included), maps float32 to float32 and inverts its forward map."""
+  case = CASES[name]
+  keras.config.set_dtype_policy('mixed_bfloat16')
+  b = case.make()
+  keras.config.set_dtype_policy('float32')
+  x, condition = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), _inputs(case, [3]))
+  y, fldj = b.forward_and_log_det(x, **condition)
+  x_back, ildj = b.inverse_and_log_det(y, **condition)
+  assert {t.dtype for t in tf.nest.flatten([y, fldj, x_back, ildj])} == {tf.float32}
+  _assert_close(x_back, x, atol=1e-4)
+  np.testing.assert_allclose(np.broadcast_to(fldj, [3]), -np.broadcast_to(ildj, [3]), atol=1e-4)
+  policies = {l.path: l.dtype_policy.name for layer in b.layers
+              for l in layer._flatten_layers()}  # pylint: disable=protected-access
+  assert set(policies.values()) <= {'mixed_bfloat16'}, policies
+
+
 # -- inputs ---------------------------------------------------------------------------------
 def _values(shape, kind, seed):
   rng = np.random.default_rng(seed)
@@ -629,3 +649,80 @@ def test_an_optimizer_step_through_the_distribution_trains_the_model():
     np.testing.assert_allclose(w.numpy(), e, rtol=1e-4, atol=1e-6, err_msg=w.path)
   assert sum(not np.array_equal(w.numpy(), b) for w, b in zip(model.trainable_weights, before)) \
       == len(before)
+
+
+# -- mixed-precision policies --------------------------------------------------------------
+@pytest.fixture
+def restore_policy():
+  """Restores the global Keras dtype policy a test changes."""
+  previous = keras.config.dtype_policy()
+  yield
+  keras.config.set_dtype_policy(previous)
+
+
+def _layer_policies(model):
+  """(layer class, dtype policy) of every layer of a model, in a fixed order, the networks that
+  repeated steps run (their template layers) included."""
+  layers = list(model._flatten_layers())  # pylint: disable=protected-access
+  for steps in repeated.find_repeated(model.flow):
+    layers += [l for t in steps.stacked.template_layers
+               for l in t._flatten_layers()]  # pylint: disable=protected-access
+  return [(type(l).__name__, l.dtype_policy.name) for l in layers]
+
+
+def _mixed_precision_model(name, policy, tmp_path_factory, **fields):
+  """The family's tiny model built under the global Keras ``policy`` (restored after), with
+  the same weights for every call: every trainable weight moved off its (often zero) initial
+  value, so every network changes the numbers."""
+  keras.utils.set_random_seed(0)
+  config = _config(name, tmp_path_factory).replace(**fields)
+  keras.config.set_dtype_policy(policy)
+  try:
+    model = tfflows.build_model(config)
+    assert keras.config.dtype_policy().name == policy   # build_model leaves it as it was
+  finally:
+    keras.config.set_dtype_policy('float32')
+  assert model.config == config
+  rng = np.random.default_rng(4)
+  for w in model.trainable_weights:
+    w.assign(w.numpy() + 0.01 * rng.standard_normal(w.shape))
+  return model
+
+
+@pytest.mark.parametrize('name, policy', [  # (LCMA builds RealNVP's networks; float16 on a CPU
+    # is slow, so one cheap family checks it)
+    ('glow', 'mixed_bfloat16'), ('realnvp', 'mixed_bfloat16'), ('denseflow', 'mixed_bfloat16'),
+    ('marscf', 'mixed_bfloat16'), ('glow', 'mixed_float16')])
+def test_mixed_policy_gives_what_conditioner_precision_gives(name, policy, tmp_path_factory,
+                                                              restore_policy):
+  """Under a global mixed Keras policy every family builds, its networks compute in the
+  policy's dtype and everything else in float32, exactly as with conditioner_precision set to
+  that dtype: the same layer policies, float32 variables and the same log-likelihood bit for
+  bit."""
+  compute = keras.dtype_policies.get(policy).compute_dtype
+  mixed = _mixed_precision_model(name, policy, tmp_path_factory)
+  asked = _mixed_precision_model(name, 'float32', tmp_path_factory,
+                                 conditioner_precision=compute)
+  assert mixed.network_precision == asked.network_precision == compute
+  policies = _layer_policies(mixed)
+  assert policies == _layer_policies(asked)
+  assert {p for _, p in policies} == {'float32', policy}
+  assert all(p.dtype_policy.name == 'float32' for p in mixed.priors)
+  assert {v.dtype for v in mixed.variables if 'float' in v.dtype} == {'float32'}
+  assert mixed.flow_dtype == tf.float32
+  images = _images(3, seed=9)
+  seed = tf.constant([1, 2])   # the same noise for both (eager: no tracing, seconds)
+  log_w = mixed(tf.cast(images, tf.float32), training=False, seed=seed)
+  assert log_w.dtype == tf.float32 and np.all(np.isfinite(log_w))
+  np.testing.assert_array_equal(log_w, asked(tf.cast(images, tf.float32), training=False,
+                                             seed=seed))
+  np.testing.assert_array_equal(mixed.decode(mixed.encode(images)), images)
+
+
+def test_contradicting_precision_and_mixed_policy_is_refused(restore_policy):
+  config = _config('glow', None).replace(conditioner_precision='float32')
+  keras.config.set_dtype_policy('mixed_bfloat16')
+  with pytest.raises(ValueError, match="conditioner_precision='float32' contradicts the global "
+                                       "Keras dtype policy 'mixed_bfloat16'"):
+    tfflows.build_model(config)
+  assert keras.config.dtype_policy().name == 'mixed_bfloat16'

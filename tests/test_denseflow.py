@@ -44,13 +44,14 @@ def _perturb(variables, scale=0.1, seed=0):
     v.assign(v + scale * rng.standard_normal(v.shape).astype(str(v.dtype)))
 
 
-def _block(channels=2, spatial=(2, 2), units=3, steps=1, growth=2, include_previous=False):
+def _block(channels=2, spatial=(2, 2), units=3, steps=1, growth=2, include_previous=False,
+           config=SMALL_NETS):
   unit_list = []
   for u in range(units):
     c = channels + u * growth
     unit_list.append(fb.Chain(
         [b for s in range(steps)
-         for b in denseflow.flow_step(c, 4, SMALL_NETS, f'u{u}s{s}')], name=f'u{u}'))
+         for b in denseflow.flow_step(c, 4, config, f'u{u}s{s}')], name=f'u{u}'))
   return cross_unit.CrossUnitBlock(unit_list, channels, growth, spatial,
                                    include_previous=include_previous, name='block')
 
@@ -128,6 +129,28 @@ def test_block_inverse_recovers_input_and_noise(float64, include_previous):
   x_only, ildj_only = block.inverse_and_log_det(y)
   np.testing.assert_allclose(x_only, x, atol=1e-10)
   np.testing.assert_allclose(ildj_only, ildj, atol=1e-10)
+
+
+def test_a_block_of_bfloat16_networks_builds_on_its_own():
+  """A CrossUnitBlock built outside build_model from DenseFlow steps whose networks compute in
+  bfloat16 and are built at the first call (no spatial shape given): every layer of every
+  network computes in bfloat16 (also those a network creates when it is built), the block maps
+  float32 to float32 and its inverse recovers the input and the noise."""
+  block = _block(config=SMALL_NETS.replace(conditioner_precision='bfloat16'))
+  x, noise = _block_inputs(block, 2, tf.float32)
+  block.forward_and_log_det(x, noise=noise)   # builds every layer
+  _perturb([v for l in block.layers for v in l.trainable_weights])
+  nets = [l for l in block.layers if l.dtype_policy.name != 'float32']
+  assert len(nets) == 3 and {type(n).__name__ for n in nets} == {'DenseFlowConditioner'}
+  layers = [l for n in nets for l in n._flatten_layers()]  # pylint: disable=protected-access
+  assert {l.dtype_policy.name for l in layers} == {'mixed_bfloat16'}
+  y, log_det = block.forward_and_log_det(x, noise=noise)
+  assert y.dtype == log_det.dtype == tf.float32
+  x_back, noise_back, ildj = block.inverse_with_noise(y)
+  np.testing.assert_allclose(x_back, x, atol=1e-5)
+  for e, e_back in zip(noise, noise_back):
+    np.testing.assert_allclose(e_back, e, atol=1e-4)
+  np.testing.assert_allclose(ildj, -log_det, rtol=1e-5, atol=1e-4)
 
 
 def test_block_traces_with_unknown_batch_under_xla():

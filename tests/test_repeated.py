@@ -317,10 +317,31 @@ def test_auto_precision_decision(gpus, cpu_flags, expected):
 
 
 def test_auto_precision_keeps_a_float64_policy(float64):
-  assert precision.resolve_precision('auto', ((), ('avx512_bf16',))) == 'float64'
+  # 'float32': no policy of the networks' own, so they follow the float64 one.
+  assert precision.resolve_precision('auto', ((), ('avx512_bf16',))) == 'float32'
   assert precision.network_policy_name('auto') is None
   with pytest.raises(ValueError, match='conditioner_precision'):
     precision.resolve_precision('int8')
+
+
+@pytest.mark.parametrize('policy, expected', [('mixed_bfloat16', 'bfloat16'),
+                                              ('mixed_float16', 'float16')])
+def test_a_mixed_policy_names_the_network_precision(policy, expected):
+  """Under a global mixed Keras policy 'auto' (on any hardware) and the policy's own precision
+  resolve to it, and another precision is refused, naming both."""
+  previous = keras.config.dtype_policy()
+  keras.config.set_dtype_policy(policy)
+  try:
+    assert precision.resolve_precision('auto', ((), ())) == expected
+    assert precision.resolve_precision('auto', ((), ('avx512_bf16',))) == expected
+    assert precision.resolve_precision(expected) == expected
+    assert precision.network_policy_name('auto') == policy
+    other = 'float32'
+    with pytest.raises(ValueError, match=f"conditioner_precision='{other}' contradicts the "
+                                         f"global Keras dtype policy '{policy}'"):
+      precision.resolve_precision(other)
+  finally:
+    keras.config.set_dtype_policy(previous)
 
 
 def test_runtime_fields_do_not_block_resuming(tmp_path):

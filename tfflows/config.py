@@ -55,7 +55,7 @@ class FlowConfig:
   pinv_iterations: int = 6
   attention: str = 'official'       # DenseFlow attention: official (the authors' code) | published
   dequantization: str = 'uniform'   # uniform | variational
-  conditioner_precision: str = 'auto'  # DenseFlow networks: auto|float32|bfloat16|float16
+  conditioner_precision: str = 'auto'  # the networks: auto|float32|bfloat16|float16
 
   # mAR-SCF prior and MixLogCDF couplings.
   mar_hidden: int = 32

@@ -98,9 +98,10 @@ flags.DEFINE_integer('worker_timeout_seconds', 10, '--strategy=multiworker: a wo
                      lower_bound=1)
 flags.DEFINE_integer('num_cpu_devices', 0, 'Split the CPU into this many logical devices '
                      '(to try --strategy=mirrored without GPUs); 0: leave as is.', lower_bound=0)
-flags.DEFINE_bool('mixed_precision', False, 'mixed_float16 compute with float32 variables, '
-                  'log-dets and loss (GPUs only). Refused on CPU, and refused with the reason '
-                  'when the model cannot run in float16 (the current bijectors mix dtypes).')
+flags.DEFINE_bool('mixed_precision', False, "Keras' mixed_float16 policy: the networks "
+                  'compute in float16, the flow, log-dets, priors, loss and every variable in '
+                  'float32 (the same as --conditioner_precision=float16; GPUs only, refused on a '
+                  'CPU). No loss scaling.')
 flags.DEFINE_string('init_from', '', 'Fine-tune: start from the model weights of this workdir '
                     '(its latest checkpoint; DIR/best for its best) or checkpoint prefix, with a '
                     'fresh optimizer and schedule at --learning_rate. Used only when --workdir '

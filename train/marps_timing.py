@@ -10,10 +10,11 @@ linear in N, whereas a pixel-wise autoregressive model needs N^2 C steps. This p
 small mAR-SCF models (the paper's mAR prior: 3-layer ConvLSTM, hidden 32; a small flow) for
 N = 8, 16, 32, 64, times sampling a batch after a warm-up, and prints one row per size:
 
-    N  levels  sequential steps  pixel-AR steps  eager s (model.sample)  graph s (tf.function)
+    N  levels  sequential steps  pixel-AR steps  eager s  graph s (tf.function)
 
-"eager" times the public ``model.sample`` (Python dispatch of every op); "graph" times the same
-computation traced once into a ``tf.function`` (what the SavedModel ``sample`` signature runs).
+"eager" times ``model.sample_values`` run eagerly (Python dispatch of every op); "graph" times
+the same computation traced once into a ``tf.function`` (what ``model.sample`` and the
+SavedModel ``sample`` signature run).
 Weights are random but non-trivial (ActNorm initialised on random images, zero-initialised
 outputs perturbed), so the MixLogCDF root searches do real work. Times are the mean and standard
 deviation over ``repeats`` runs; on a shared CPU expect noise.
@@ -69,7 +70,7 @@ def randomize(model, seed=0, std=0.05):
 def time_sampling(model, batch_size=8, repeats=5, temperature=1.0, mode='graph', seed=0):
   """(mean, std) seconds of drawing `batch_size` images, after one warm-up draw."""
   if mode == 'eager':
-    draw = lambda i: model.sample(batch_size, temperature, seed=seed + i)
+    draw = lambda i: to_images(model.sample_values(batch_size, temperature, seed + i))
   elif mode == 'graph':
     fn = tf.function(lambda n, t, s: to_images(model.sample_values(n, t, s)), input_signature=[
         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)])

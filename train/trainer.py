@@ -24,12 +24,12 @@ others with a message naming the chief's last checkpoint.
 
 import time
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from bijectors import repeated
 from tfflows import optimizers
+from tfflows.nn import precision
 from train import callbacks as train_callbacks
 from train import checkpoint_contents
 from train import checkpoint_files
@@ -43,12 +43,13 @@ make_strategy = distributed.make_strategy  # the names other modules and tests u
 is_chief = distributed.is_chief
 
 
-def make_optimizer(name, learning_rate, mixed_precision=False):
+def make_optimizer(name, learning_rate):
   """Adamax or Adam (Keras defaults; one fused kernel per variable, ``tfflows.optimizers``) at a
-  learning-rate schedule; a LossScaleOptimizer around it under mixed precision."""
-  optimizer = {'adamax': optimizers.FusedAdamax, 'adam': optimizers.FusedAdam}[name](
+  learning-rate schedule. No loss scaling, also for float16 networks: FlowModel's train step
+  takes the gradients of the unscaled float32 loss, which a keras LossScaleOptimizer would
+  divide by its scale (2^15) before applying them."""
+  return {'adamax': optimizers.FusedAdamax, 'adam': optimizers.FusedAdam}[name](
       learning_rate=learning_rate)
-  return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
 
 
 def build_training_model(run, schedule, per_replica_xla=False):
@@ -58,13 +59,19 @@ def build_training_model(run, schedule, per_replica_xla=False):
   strategy (per_replica_xla) each replica's forward and backward pass is one XLA program and
   the all-reduce and the optimizer update run outside it (tfflows.models.replica_step)."""
   f = run.flags
-  if f.mixed_precision:
-    keras.mixed_precision.set_global_policy('mixed_float16')
-  model = run.build_model()
+  # --mixed_precision is Keras' 'mixed_float16' policy, set while the model is built: build_model
+  # creates the networks under it and everything else in float32, the model that
+  # --conditioner_precision=float16 gives (tfflows.nn.precision).
+  if f.mixed_precision and run.config.conditioner_precision not in ('auto', 'float16'):
+    raise UserError(f'--mixed_precision computes the networks in float16, which '
+                    f'--conditioner_precision={run.config.conditioner_precision} contradicts: '
+                    'drop one of them.')
+  with precision.dtype_policy_scope('mixed_float16' if f.mixed_precision else None):
+    model = run.build_model()
   model.max_grad_norm = f.max_grad_norm
   model.scale_l2 = f.scale_l2
   model.replica_jit_compile = bool(run.jit_compile and per_replica_xla)
-  optimizer = make_optimizer(f.optimizer, schedule, f.mixed_precision)
+  optimizer = make_optimizer(f.optimizer, schedule)
   model.compile(optimizer, jit_compile=bool(run.jit_compile and not per_replica_xla))
   optimizer.build(model.trainable_variables)
   _warn_of_xla_loops_on_cpu(model, run.jit_compile)

@@ -36,7 +36,8 @@ CPUs with AVX512-BF16 or AMX running oneDNN kernels) and in float32 elsewhere; '
 'float32' force one (Keras mixed policies: float32 variables). Network outputs are cast to
 float32 before use, so the flow itself, every log-det, the noise densities and the priors stay
 float32, and the inverse stays exact (it recomputes the same network outputs from the same
-float32 inputs). The build logs the resolved precision; ``model.network_precision`` holds it.
+float32 inputs). A global mixed Keras policy asks for the same (``tfflows.models``). The build
+logs the resolved precision; ``model.network_precision`` holds it.
 
 Steps: the steps of a unit run as one loop over stacked weights (``bijectors.repeated``;
 ``step_loop=False``: unrolled, the reference), with ``remat='step'`` recomputing each step's
@@ -46,8 +47,6 @@ DF-74-10 with variational dequantization has 130,647,294, the official model's c
 """
 
 import math
-
-from absl import logging
 
 import bijectors as fb
 from bijectors import cross_unit, multiscale, repeated
@@ -61,7 +60,7 @@ from tfflows.nn import precision
 def network_policy(config):
   """The Keras dtype-policy scope of ``config.conditioner_precision`` (resolved for this
   machine) for creating and building networks (no change for float32)."""
-  return precision.dtype_policy_scope(precision.network_policy_name(config.conditioner_precision))
+  return precision.network_scope(config)
 
 
 def flow_step(channels, width, config, name, spatial=None):
@@ -171,14 +170,11 @@ def build_dequantizer(config):
 
 
 def build(config):
-  resolved = precision.resolve_precision(config.conditioner_precision)
-  logging.info('DenseFlow networks compute in %s (conditioner_precision=%s)', resolved,
-               config.conditioner_precision)
+  """A DenseFlow model (``tfflows.build_model`` resolves the precision and sets
+  ``model.network_precision``)."""
   flow = multiscale.MultiScaleFlow(build_levels(config), config.image_shape)
-  model = FlowModel(config, flow, split_priors(flow.latent_shapes, config.split_prior),
-                    build_dequantizer(config))
-  model.network_precision = resolved
-  return model
+  return FlowModel(config, flow, split_priors(flow.latent_shapes, config.split_prior),
+                   build_dequantizer(config))
 
 
 # -- parameter count ------------------------------------------------------------------------

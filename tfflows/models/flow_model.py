@@ -293,18 +293,42 @@ class FlowModel(keras.Model):
   def sample(self, n, temperature=1.0, seed=None):
     """n uint8 images [n, H, W, C] drawn top-down at the given temperature.
 
-    Raises ValueError for n < 1 or a temperature that is negative, NaN or infinite, and
-    NonFiniteError if the model's samples hold NaN or Inf (a broken model: no black or white
-    images are returned in their place)."""
+    seed: an integer in the int32 range, or None for fresh randomness (a seed drawn from
+    TensorFlow's global generator, which ``keras.utils.set_random_seed`` seeds). The draw runs
+    one traced function (``_sample_fn``) that traces the body the served ``sample`` signature
+    traces, with the same inputs, so it equals the served images for the same arguments bit for
+    bit, in every network precision.
+    Raises ValueError for n < 1, a temperature that is negative, NaN or infinite, or a seed that
+    is not an int32, and NonFiniteError if the model's samples hold NaN or Inf (a broken model:
+    no black or white images are returned in their place)."""
     if int(n) < 1:
       raise ValueError(f'n must be >= 1, got {n}.')
     check_temperature(temperature)
-    x = self.sample_values(int(n), temperature, seed)
+    x = self._sample_fn()(tf.constant(int(n), tf.int32), tf.constant(temperature, tf.float32),
+                          _sample_seed(seed))
     what = f'model.sample(n={int(n)}, temperature={temperature})'
     return to_images(check_finite(check_sample_overflow(x, temperature, what), what))
 
+  def _sample_fn(self):
+    """``sample_values`` as one tf.function per model (not retraced), with the inputs of the
+    served ``sample`` signature: num_samples int32 [], temperature float32 [], seed int32 [].
+    Eager execution can round differently from a graph (Grappler fuses ops there, e.g. a
+    convolution with its bias and activation, and bfloat16 networks then round at other
+    places), so eager samples could differ from the served ones."""
+    fn = self.__dict__.get('_sample_compiled')   # not a Keras-tracked attribute
+    if fn is None:
+      fn = tf.function(self.sample_values, input_signature=[
+          tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
+          tf.TensorSpec([], tf.int32)])
+      self.__dict__['_sample_compiled'] = fn
+    return fn
+
   def sample_values(self, n, temperature=1.0, seed=None):
-    """Dequantized-scale samples in [0, 256) (float) before quantisation."""
+    """Dequantized-scale samples [n, H, W, C] in [0, 256) (float) before quantisation: the body
+    that ``sample`` and the served ``sample`` signature trace (eager here when called eagerly).
+    seed: None (stateful sampling) or a stateless seed (``joint.sample_top_down``); temperature
+    a number or a float tensor of any float dtype (the served float32 one in a float64 model)."""
+    temperature = tf.cast(temperature, self.flow_dtype)
     x, _ = joint.sample_top_down(self.flow, self.priors, n, temperature, seed)
     return x
 
@@ -489,6 +513,19 @@ def pixel_values(images, dtype):
                         [f'{problem}, got values in', tf.reduce_min(images),
                          tf.reduce_max(images), f': {advice}.'])
   return tf.cast(images, dtype)
+
+
+def _sample_seed(seed):
+  """The int32 [] seed of a draw: ``seed`` checked, or a fresh one from TensorFlow's global
+  generator for None. Raises ValueError for anything but an integer in the int32 range."""
+  if seed is None:
+    return tf.random.uniform([], maxval=np.iinfo(np.int32).max, dtype=tf.int32)
+  value = np.asarray(seed)
+  if (value.shape != () or not np.issubdtype(value.dtype, np.integer)
+      or not np.iinfo(np.int32).min <= int(value) <= np.iinfo(np.int32).max):
+    raise ValueError(f'seed must be None or an integer in the int32 range (the seed of the '
+                     f'served sample signature), got {seed!r}.')
+  return tf.constant(int(value), tf.int32)
 
 
 def _split_seeds(seed, num, seed_generator):

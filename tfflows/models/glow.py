@@ -24,13 +24,19 @@ from tfflows import split_permutations
 from tfflows.distributions import dequantization
 from tfflows.distributions.split_priors import split_priors
 from tfflows.models.flow_model import FlowModel
+from tfflows.nn import precision
 from tfflows.nn.glow_net import GlowConditioner
 
 
-def flow_step(channels, width, scale_fn='sigmoid', conv1x1='lu', conditioner=None, name='step'):
-  """ActNorm -> 1x1 conv -> affine coupling (channel mask)."""
+def flow_step(channels, width, scale_fn='sigmoid', conv1x1='lu', conditioner=None, name='step',
+              network_policy=None):
+  """ActNorm -> 1x1 conv -> affine coupling (channel mask).
+
+  network_policy: the Keras dtype policy name the default conditioner is created under (None:
+  the current policy; ``tfflows.nn.precision``)."""
   out = fb.AffineCoupling.conditioner_channels(channels, 'channel')
-  conditioner = conditioner or GlowConditioner(width, out, name=f'{name}_net')
+  with precision.dtype_policy_scope(network_policy):
+    conditioner = conditioner or GlowConditioner(width, out, name=f'{name}_net')
   return [fb.ActNorm(channels, name=f'{name}_actnorm'),
           fb.InvertibleConv1x1(channels, parameterization=conv1x1, name=f'{name}_conv1x1'),
           fb.AffineCoupling(conditioner, channels, mask='channel', scale_fn=scale_fn,
@@ -48,8 +54,9 @@ def build_levels(config, step_fn=None, split_permutation=None):
                      'Glow supports split=static|random|lcma|lcma_reverse.')
   if split_permutation is None:
     split_permutation = split_permutations.split_permutation_fn(config)
-  step_fn = step_fn or (lambda c, name: flow_step(c, config.width, config.scale_fn,
-                                                  config.conv1x1, name=name))
+  step_fn = step_fn or (lambda c, name: flow_step(
+      c, config.width, config.scale_fn, config.conv1x1, name=name,
+      network_policy=precision.network_policy_name(config.conditioner_precision)))
   h, w, c = config.image_shape
   levels = []
   for i in range(config.num_levels):

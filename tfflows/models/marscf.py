@@ -39,6 +39,7 @@ from tfflows.distributions import dequantization
 from tfflows.distributions.mar_prior import MARPrior, marps_num_steps
 from tfflows.models import glow
 from tfflows.models.flow_model import FlowModel
+from tfflows.nn import precision
 from tfflows.nn.flowpp_net import GatedResidualAttentionNet
 
 EMBED_CHANNELS = 4
@@ -47,9 +48,10 @@ EMBED_CHANNELS = 4
 def mixlogcdf_step(channels, config, name='step'):
   """ActNorm -> LU 1x1 conv -> MixLogCDF coupling with a gated attention conditioner."""
   out = mixlogcdf.MixLogCDFCoupling.conditioner_channels(channels, config.num_components)
-  net = GatedResidualAttentionNet(out, width=config.width, num_blocks=config.coupling_blocks,
-                                  num_heads=config.attention_heads, dropout=config.dropout,
-                                  name=f'{name}_net')
+  with precision.network_scope(config):
+    net = GatedResidualAttentionNet(out, width=config.width, num_blocks=config.coupling_blocks,
+                                    num_heads=config.attention_heads, dropout=config.dropout,
+                                    name=f'{name}_net')
   return [fb.ActNorm(channels, name=f'{name}_actnorm'),
           fb.InvertibleConv1x1(channels, parameterization=config.conv1x1,
                                name=f'{name}_conv1x1'),
@@ -61,8 +63,9 @@ def step_fn(config):
   """The flow step of the configured coupling, as ``glow.build_levels`` expects it."""
   if config.coupling == 'mixlogcdf':
     return lambda c, name: mixlogcdf_step(c, config, name)
-  return lambda c, name: glow.flow_step(c, config.width, config.scale_fn, config.conv1x1,
-                                        name=name)
+  return lambda c, name: glow.flow_step(
+      c, config.width, config.scale_fn, config.conv1x1, name=name,
+      network_policy=precision.network_policy_name(config.conditioner_precision))
 
 
 def prior_kernel(level):

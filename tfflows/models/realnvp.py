@@ -33,12 +33,14 @@ from bijectors import multiscale, repeated
 from tfflows import split_permutations
 from tfflows.distributions import dequantization, priors
 from tfflows.models.flow_model import FlowModel
+from tfflows.nn import precision
 from tfflows.nn.resnet import ResNetConditioner
 
 
 def coupling(channels, mask, parity, width, config, name):
   out = fb.AffineCoupling.conditioner_channels(channels, mask)
-  net = ResNetConditioner(width, config.res_blocks, out, name=f'{name}_net')
+  with precision.network_scope(config):
+    net = ResNetConditioner(width, config.res_blocks, out, name=f'{name}_net')
   return fb.AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn='tanh', name=name)
 
 

@@ -41,10 +41,11 @@ class DenseBlock(keras.layers.Layer):
                        f'got shape {input_shape}.')
     channels = int(channels)
     spatial = tuple(input_shape[:-1])
-    for i in range(self.num_layers):
-      bottleneck = torch_init.Conv2D(channels, 1, activation='relu', name=f'conv1x1_{i}')
+    for i in range(self.num_layers):   # in this layer's dtype policy, whatever is global now
+      bottleneck = torch_init.Conv2D(channels, 1, activation='relu', name=f'conv1x1_{i}',
+                                     dtype=self.dtype_policy)
       conv = torch_init.Conv2D(self.growth, 3, padding='same', activation='relu',
-                               name=f'conv3x3_{i}')
+                               name=f'conv3x3_{i}', dtype=self.dtype_policy)
       bottleneck.build(spatial + (channels,))
       conv.build(spatial + (channels,))
       self.bottlenecks.append(bottleneck)

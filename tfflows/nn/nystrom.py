@@ -185,7 +185,7 @@ class NystromAttention(keras.layers.Layer):
       raise ValueError(f'{self.name}: H*W = {h}*{w} = {tokens} pixels is not divisible by '
                        f'num_landmarks={self.num_landmarks}; choose a divisor of {tokens}.')
     out_channels = self.output_channels or c
-    self.out = torch_init.Conv2D(out_channels, 1, name='out')
+    self.out = torch_init.Conv2D(out_channels, 1, name='out', dtype=self.dtype_policy)
     self.qkv.build((None, h, w, c))
     self.out.build((None, h, w, self.embed_dim))
 
