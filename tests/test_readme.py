@@ -264,6 +264,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   assert os.path.isfile(tmp_path / 'glow.keras')
   assert namespace['restored'].config == model.config
   assert 'val_loss' in namespace['history'].history
+  small = namespace['small']
+  assert small.network_precision == 'bfloat16' and small.dtype_policy.name == 'float32'
+  assert small.log_prob(images, seed=0).dtype == np.float32
   np.testing.assert_array_equal(model.decode(namespace['latents']).numpy(), images)
   sample = model.sample(16, temperature=0.8, seed=1).numpy()
   assert sample.shape == (16, 32, 32, 1) and sample.dtype == np.uint8
