@@ -1,7 +1,7 @@
 """Out-of-distribution scores (tfflows.ood): the arithmetic against hand computations, the served
 numbers against Python's, TF Serving's warm-up file, the OOD sets and ``--mode=ood``."""
 
-import io
+import importlib.util
 import json
 import math
 import os
@@ -336,6 +336,19 @@ def test_ood_sets_are_real_images_in_the_test_images_shape():
   assert len(np.unique(sets['photo_patches'].reshape(500, -1).std(axis=1).round())) > 50
   resized = ood_sets.stored_sets((16, 16, 3))
   assert resized['photo_patches'].shape == (500, 16, 16, 3)
+
+
+# Optional (scikit-learn and scikit-image are not test dependencies): with both installed,
+# the shipped sets are rebuilt from their sources and must come out identical.
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ('sklearn', 'skimage')),
+                    reason='needs scikit-learn and scikit-image')
+def test_make_ood_sets_reproduces_the_shipped_file(tmp_path):
+  from tfflows.data import make_ood_sets  # pylint: disable=import-outside-toplevel
+  out = make_ood_sets.build(str(tmp_path / 'ood_sets.npz'))
+  shipped = ood_sets.stored_sets()
+  with np.load(out) as new:
+    for name in ood_sets.STORED:
+      np.testing.assert_array_equal(new[name], shipped[name], err_msg=name)
 
 
 # ---------------------------------------------------------------------------- --mode=ood
