@@ -62,6 +62,14 @@ BLOCKS = {
         RUN, 'export the quick start'),
     'import tensorflow as tf': (RUN, 'the export example (continues the Python API example)'),
     'saved_model_cli show': (RUN, 'saved_model_cli show'),
+    'from tfflows import ood': (RUN, 'the OOD scores example (continues the export example)'),
+    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=ood': (
+        RUN, 'OOD AUROCs of the quick start'),
+    'python -m train.ood_table --workdirs=DIR1': (TEXT, 'the table program named in a sentence '
+                                                        '(DIR1,DIR2: placeholders)'),
+    'python -m tfflows.data.make_ood_sets': (SKIP, 'needs scikit-learn and scikit-image '
+                                                   '(optional); tests/test_ood.py checks the '
+                                                   'shipped sets'),
     'python -c "from tfflows import data;': (RUN, 'saved_model_cli run'),
     'python -m train.main --flagfile=configs/imagenet64.flags': (
         SKIP, 'needs downsampled ImageNet64 and 8 GPUs (the command is parsed)'),
@@ -240,12 +248,12 @@ def python_examples():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-  """The Python API example, the gradient example, the Keras idioms, the export example and
-  the mAR interpolation example, as written, in one namespace (the later ones continue the
-  first), with what their comments claim."""
+  """The Python API example, the gradient example, the Keras idioms, the export example, the
+  OOD scores example and the mAR interpolation example, as written, in one namespace (the later
+  ones continue the first), with what their comments claim."""
   monkeypatch.chdir(tmp_path)
   examples = python_examples()
-  assert len(examples) == 5
+  assert len(examples) == 6
   namespace = {}
   for source in examples:
     exec(compile(source, README, 'exec'), namespace)  # pylint: disable=exec-used
@@ -278,6 +286,14 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   np.testing.assert_array_equal(paths[:, -1], images[4:])
   assert namespace['info']['log_prob'].shape == (4, 8)
   assert os.path.isdir(tmp_path / 'workdir' / 'export' / '1')
+  result, served = namespace['result'], namespace['served']
+  for key, value in result.items():
+    np.testing.assert_array_equal(served[key].numpy(), value)
+  np.testing.assert_array_equal(result['bits_per_dim'], bits)
+  np.testing.assert_allclose(result['score'],
+                             bits - result['complexity_bits_per_dim'], rtol=1e-6, atol=1e-6)
+  assert namespace['stats'].batch_size == 8 and namespace['stats'].num_heldout_images == 250
+  assert 0. <= namespace['inverted_auroc'] <= 1.
 
 
 # ------------------------------------------------------------------------------ slow test

@@ -28,7 +28,8 @@ flags.DEFINE_string(
     'mode', 'train',
     'What to run: one mode or a comma list run in order in one invocation, e.g. '
     '"train,eval,sample,export" (the quick start). Modes: train, eval, sample, interpolate, '
-    'export, memorization, lcma_analyze (LCMA phase 2; see README).')
+    'export, memorization, ood (out-of-distribution AUROCs; see README), lcma_analyze (LCMA '
+    'phase 2; see README).')
 flags.DEFINE_string(
     'workdir', None,
     'Directory of the run: config.json, flags.txt, checkpoints/, best/, tensorboard/, eval/, '
@@ -148,6 +149,19 @@ flags.DEFINE_string('export_dir', '', 'SavedModel base directory; the model goes
 flags.DEFINE_integer('export_importance_samples', 1, 'k of the served log_prob (1: the one-'
                      'sample bound).', lower_bound=1)
 
+# ----------------------------------------------------------------------- out-of-distribution
+flags.DEFINE_integer('typicality_batch_size', 10, 'M of the typicality test (tfflows.ood): the '
+                     'batch size whose mean bits/dim is compared with the training set\'s; '
+                     'stored with the export (assets/typicality.json).', lower_bound=1)
+flags.DEFINE_float('typicality_alpha', 0.99, 'Quantile of the held-out batch distances that '
+                   'sets the typicality threshold epsilon.', lower_bound=0., upper_bound=1.)
+flags.DEFINE_integer('typicality_bootstrap', 1000, 'Held-out batches of M drawn to set '
+                     'epsilon (and, in --mode=ood, to measure the test\'s rates).',
+                     lower_bound=1)
+flags.DEFINE_integer('typicality_train_images', 10000, 'Training images (the first, in the '
+                     'split\'s fixed order) whose mean bits/dim is the typicality test\'s H_hat.',
+                     lower_bound=1)
+
 # ------------------------------------------------------------------------------ model flags
 MODEL_HELP = {
     'model': 'Architecture: glow, realnvp, denseflow, marscf.',
@@ -244,6 +258,8 @@ def _int_list(values):
 _define_model_flags()
 flags.register_validator('image_shape', lambda v: not v or (len(v) == 3 and _int_list(v)),
                          '--image_shape must be empty (the dataset\'s) or three integers H,W,C.')
+flags.register_validator('typicality_alpha', lambda v: 0. < v < 1.,
+                         '--typicality_alpha must lie strictly between 0 and 1.')
 flags.register_validator('temperatures', lambda v: _float_list(v, minimum=0.),
                          '--temperatures must be a non-empty comma list of numbers >= 0.')
 
@@ -285,6 +301,9 @@ GROUPS = (
                                  'memorization_queries', 'memorization_crop',
                                  'memorization_neighbours')),
     ('Export', ('export_dir', 'export_importance_samples')),
+    ('Out-of-distribution (--mode=ood and the export\'s typicality statistics)',
+     ('typicality_batch_size', 'typicality_alpha', 'typicality_bootstrap',
+      'typicality_train_images')),
 )
 MODULE = __name__  # the module whose flags are the program's
 

@@ -34,6 +34,7 @@ RESULT_FILES = {
     'interpolation': 'samples/step{step}_interpolation_{name}.png',
     'memorization': 'samples/step{step}_memorization_t{temperature:g}{seed}.png',
     'memorization_json': 'samples/step{step}_memorization_t{temperature:g}{seed}.json',
+    'ood': 'ood/ckpt-{step}_k{k}{seed}.json',
 }
 
 
@@ -48,6 +49,7 @@ def result_path(workdir, kind, step, *, k=None, num_images=None, temperature=Non
       samples         samples/step<step>_t<temperature>[_seed<seed>].png
       interpolation   samples/step<step>_interpolation_<name>.png
       memorization    samples/step<step>_memorization_t<temperature>[_seed<seed>].png, .json
+      ood             ood/ckpt-<step>_k<k>[_seed<seed>].json
 
   `_n<images>` appears when the eval covers part of the test split (num_images given),
   `_seed<seed>` when the seed is not 0. Exports go to EXPORT_DIR/<step> (TF Serving's version
@@ -257,11 +259,14 @@ def run_export(run):
   model, prefix = run.load_model()
   base = f.export_dir or run.path('export')
   export_dir = os.path.join(base, str(checkpoint_files.step_of(prefix)))
-  with progress(run, 'export', 3, 'stages') as shown:
+  with progress(run, 'export', 4, 'stages') as shown:
     images = run.images('test', 8)
+    export.check_finite_log_prob(model, images, f.export_importance_samples)
+    typicality = typicality_statistics(run, model, f.export_importance_samples)
+    shown.update(1, stage='typicality statistics')
     export.export_saved_model(model, export_dir,
                               num_importance_samples=f.export_importance_samples,
-                              overwrite=True, check_images=images)
+                              overwrite=True, check_images=images, typicality=typicality)
     shown.update(1, stage='SavedModel written')
     loaded, _ = export.load_exported(export_dir)
     shown.update(1, stage='reloaded')
@@ -277,6 +282,126 @@ def run_export(run):
     logging.warning('the exported model differs from the Python model by %g bits/dim',
                     difference)
   return export_dir
+
+
+# ----------------------------------------------------------------------- out-of-distribution
+def heldout_split(test_images):
+  """(held-out, evaluation): the first and second half of the test split. The held-out half
+  sets the typicality threshold (the embedded digits have no validation split, and every
+  training image was trained on); --mode=ood measures the typicality test on the other half
+  only. The per-image scores have no parameter and are measured on the whole test split."""
+  half = len(test_images) // 2
+  return test_images[:half], test_images[half:]
+
+
+def _bits_per_dim(model, batches, k, limit=None):
+  """Served bits/dim (k, noise seed 0) of a stream of uint8 batches, up to limit images
+  (NaN or Inf ones are refused by tfflows.ood.typicality_statistics)."""
+  from tfflows import ood  # pylint: disable=import-outside-toplevel
+  values, seen = [], 0
+  for batch in batches:
+    batch = batch[:limit - seen] if limit else batch
+    values.append(model.bits_per_dim(batch, k, seed=ood.SERVING_SEED).numpy())
+    seen += len(batch)
+    if limit and seen >= limit:
+      break
+  return np.concatenate(values) if values else np.zeros([0], np.float32)
+
+
+def typicality_statistics(run, model, k, heldout_bits=None):
+  """tfflows.ood.TypicalityStatistics of the model's served bits/dim (k): H_hat over the first
+  --typicality_train_images training images, epsilon from --typicality_bootstrap batches of
+  --typicality_batch_size images of the held-out half of the test split (heldout_split)."""
+  from tfflows import ood  # pylint: disable=import-outside-toplevel
+  f = run.flags
+  train_bits = _bits_per_dim(model, run.image_batches('train', run.eval_batch_size), k,
+                             limit=f.typicality_train_images)
+  if heldout_bits is None:
+    heldout, _ = heldout_split(run.all_images('test'))
+    heldout_bits = _bits_per_dim(model, [heldout[i:i + run.eval_batch_size]
+                                         for i in range(0, len(heldout), run.eval_batch_size)], k)
+  try:
+    return ood.typicality_statistics(train_bits, heldout_bits, f.typicality_batch_size,
+                                     f.typicality_alpha, f.typicality_bootstrap, seed=f.seed,
+                                     num_importance_samples=k)
+  except ValueError as error:
+    raise UserError(f'--typicality_batch_size={f.typicality_batch_size}: {error}') from None
+
+
+def _batch_means(bits, batch_size, num_batches, rng):
+  """Means of num_batches batches of batch_size values, each drawn without replacement."""
+  return np.array([bits[rng.choice(len(bits), batch_size, replace=False)].mean()
+                   for _ in range(num_batches)])
+
+
+def run_ood(run):
+  """Out-of-distribution detection on the test split against the sets of
+  tfflows.data.ood_sets: AUROC of the served bits/dim, of the PNG complexity and of the
+  complexity-corrected score per set, and the typicality test's rates, written to
+  WORKDIR/ood/ckpt-<step>_k<k>.json (``result_path``). k is --export_importance_samples and the
+  noise seed 0: the numbers the export serves."""
+  from tfflows import ood  # pylint: disable=import-outside-toplevel
+  from tfflows.data import ood_sets  # pylint: disable=import-outside-toplevel
+  f = run.flags
+  model, prefix = run.load_model()
+  k = f.export_importance_samples
+  started = time.perf_counter()
+  test = run.all_images('test')
+  sets = ood_sets.ood_sets(test, seed=f.seed)
+  total = len(test) + sum(len(v) for v in sets.values())
+  scored = {}
+  with progress(run, f'ood scores (k={k})', total) as shown:
+    for name, images in [('test', test)] + list(sets.items()):
+      parts = []
+      for i in range(0, len(images), run.eval_batch_size):
+        parts.append(ood.scores(model, images[i:i + run.eval_batch_size], k))
+        shown.update(len(parts[-1]['score']), set=name)
+      scored[name] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  heldout, _ = heldout_split(test)
+  inside = scored['test']
+  stats = typicality_statistics(run, model, k, heldout_bits=inside['bits_per_dim'][:len(heldout)])
+  evaluation_bits = inside['bits_per_dim'][len(heldout):]
+  m, batches = stats.batch_size, f.typicality_bootstrap
+  if len(evaluation_bits) < m:
+    raise UserError(f'--typicality_batch_size={m}: the evaluation half of the test split has '
+                    f'{len(evaluation_bits)} images.')
+  rng = np.random.default_rng(f.seed + 1)
+  in_distances = np.abs(_batch_means(evaluation_bits, m, batches, rng) - stats.train_bits_per_dim)
+  results = {
+      'checkpoint': prefix, 'step': checkpoint_files.step_of(prefix), 'dataset': f.dataset,
+      'num_importance_samples': k, 'seed': f.seed, 'score_sign': 'larger: more out-of-distribution',
+      'typicality': json.loads(stats.to_json()),
+      'in_distribution': {
+          'num_images': len(test), **_means(inside),
+          'typicality_evaluation_images': len(evaluation_bits),
+          'typicality_false_positive_rate': float(np.mean(in_distances > stats.epsilon))},
+      'sets': {}}
+  for name, images in sets.items():
+    values = scored[name]
+    out_distances = np.abs(_batch_means(values['bits_per_dim'], min(m, len(images)), batches, rng)
+                           - stats.train_bits_per_dim)
+    results['sets'][name] = {
+        'num_images': len(images), **_means(values),
+        'auroc_bits_per_dim': ood.auroc(inside['bits_per_dim'], values['bits_per_dim']),
+        'auroc_complexity': ood.auroc(inside['complexity_bits_per_dim'],
+                                      values['complexity_bits_per_dim']),
+        'auroc_score': ood.auroc(inside['score'], values['score']),
+        'typicality_detection_rate': float(np.mean(out_distances > stats.epsilon)),
+        'typicality_auroc': ood.auroc(in_distances, out_distances)}
+  results['seconds'] = round(time.perf_counter() - started, 1)
+  path = result_path(run.workdir, 'ood', results['step'], k=k, seed=f.seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  atomic.write_json(path, results)
+  say('ood (%s, k=%d, %d test images; AUROC, 1 = perfect): %s -> %s',
+      os.path.basename(prefix), k, len(test), '; '.join(
+          f'{name} bits/dim {r["auroc_bits_per_dim"]:.3f}, score {r["auroc_score"]:.3f}, '
+          f'typicality M={m} {r["typicality_auroc"]:.3f}'
+          for name, r in results['sets'].items()), path)
+  return results
+
+
+def _means(values):
+  return {f'mean_{key}': float(np.mean(v)) for key, v in values.items()}
 
 
 # ------------------------------------------------------------------------------ LCMA analysis
@@ -308,6 +433,7 @@ MODES = {
     'interpolate': run_interpolate,
     'export': run_export,
     'memorization': run_memorization,
+    'ood': run_ood,
     'lcma_analyze': run_lcma_analyze,
 }
 # Modes that need no checkpoint in --workdir (they write one, or read --init_from's).
