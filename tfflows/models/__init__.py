@@ -52,6 +52,9 @@ def build_model(config=None, **overrides):
   return model
 
 
+FlowModel.builder = staticmethod(build_model)  # what FlowModel.from_config rebuilds with
+
+
 def _builders():
   from tfflows.models import glow, realnvp  # pylint: disable=import-outside-toplevel
   builders = {'glow': glow.build, 'realnvp': realnvp.build}

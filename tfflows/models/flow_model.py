@@ -56,6 +56,10 @@ class FlowModel(keras.Model):
   ``(images, seed_generator, midpoint) -> (x + u, log q(u|x))``.
   """
 
+  # ``tfflows.models.build_model``, which sets it on import (the builders sit above this
+  # module): ``from_config`` rebuilds a saved model's architecture with it.
+  builder = None
+
   def __init__(self, config, flow, priors, dequantizer, iw_chunk_size=16, max_grad_norm=0.,
                scale_l2=0., **kwargs):
     super().__init__(name=config.model, **kwargs)
@@ -103,12 +107,11 @@ class FlowModel(keras.Model):
     """The model ``get_config`` describes, built by ``tfflows.build_model`` (weights fresh;
     ``keras.models.load_model`` then loads the saved ones). LCMA masks come back as a file of
     ``split_permutations.stored_masks_path`` that the rebuilt config names."""
-    from tfflows.models import build_model  # pylint: disable=import-outside-toplevel
     flow_config = FlowConfig.from_dict(config['flow_config'])
     if 'lcma_masks_npz' in config:
       flow_config = flow_config.replace(
           lcma_masks=split_permutations.stored_masks_path(config['lcma_masks_npz']))
-    model = build_model(flow_config)
+    model = FlowModel.builder(flow_config)
     for name in ('iw_chunk_size', 'max_grad_norm', 'scale_l2'):
       setattr(model, name, config[name])
     return model
