@@ -74,3 +74,17 @@ def first_level_networks(model):
   if not weights:
     raise ValueError('no coupling-network weights under level0_ in this model')
   return weights
+
+
+def one_step_model(config_fields, random_seed):
+  """A tiny model after one SGD step on 8 random 8x8 images: ActNorm initialised and the
+  zero-initialised layers non-zero, so exports and scores are tested on a model that is not
+  the identity. config_fields: FlowConfig keyword fields; random_seed: keras.utils seed."""
+  import keras  # pylint: disable=import-outside-toplevel
+  import tfflows  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(random_seed)
+  model = tfflows.build_model(tfflows.FlowConfig(**config_fields))
+  model.compile(keras.optimizers.SGD(1e-2))
+  images = np.random.RandomState(1).randint(0, 256, size=(8, 8, 8, 1)).astype(np.uint8)
+  model.fit(images, epochs=1, batch_size=8, verbose=0)
+  return model

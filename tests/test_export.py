@@ -24,13 +24,7 @@ def _images(n, seed=0):
 
 
 def _trained_glow():
-  """A tiny Glow after one SGD step: ActNorm initialised, zero-initialised layers non-zero."""
-  import keras  # pylint: disable=import-outside-toplevel
-  keras.utils.set_random_seed(7)
-  model = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
-  model.compile(keras.optimizers.SGD(1e-2))
-  model.fit(_images(8, seed=1), epochs=1, batch_size=8, verbose=0)
-  return model
+  return flow_checks.one_step_model(TINY_GLOW, random_seed=7)
 
 
 @pytest.fixture(scope='module')

@@ -31,13 +31,7 @@ def _images(n, seed=0, shape=(8, 8, 1)):
 
 @pytest.fixture(scope='module')
 def model():
-  """A tiny Glow after one SGD step: ActNorm initialised, zero-initialised layers non-zero."""
-  import keras  # pylint: disable=import-outside-toplevel
-  keras.utils.set_random_seed(3)
-  glow = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
-  glow.compile(keras.optimizers.SGD(1e-2))
-  glow.fit(_images(8, seed=1), epochs=1, batch_size=8, verbose=0)
-  return glow
+  return flow_checks.one_step_model(TINY_GLOW, random_seed=3)
 
 
 def _png_chunks(data):

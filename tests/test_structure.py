@@ -25,7 +25,7 @@ MODELS = 'tfflows.models'
 # Modules above the models: they take a built model (analyses, tools).
 ABOVE_MODELS = ('tfflows.lcma', 'tfflows.export', 'tfflows.sampling', 'tfflows.interpolation',
                 'tfflows.ood', 'tfflows.serving_warmup')
-# The one program kept in the library: it rebuilds the data file shipped next to it.
+# The programs kept in the library: each rebuilds the data file shipped next to it.
 PROGRAMS_IN_LIBRARY = {'tfflows.data.make_embedded', 'tfflows.data.make_ood_sets'}
 # The one module allowed to import keras.src (Keras has no public API for what it does).
 KERAS_PRIVATE_ADAPTER = 'bijectors.keras_compat'

@@ -17,20 +17,27 @@ IMAGE_SHAPE = (32, 32, 1)
 SPLITS = {'train': 4500, 'test': 500}
 
 
-@functools.lru_cache(maxsize=1)
-def _arrays():
-  resource = importlib.resources.files(__package__) / RESOURCE
+def read_shipped_npz(name, rebuild):
+  """{key: read-only array} of the .npz file ``name`` shipped in this package, read through
+  ``importlib.resources`` into memory (the resource may live in a zip and not be seekable).
+  rebuild: the command that writes the file, named in the FileNotFoundError raised when it is
+  missing."""
+  resource = importlib.resources.files(__package__) / name
   if not resource.is_file():
     raise FileNotFoundError(
-        f'{RESOURCE} is missing from the {__package__} package. In a source tree, run '
-        '`python -m tfflows.data.make_embedded`; for an install, the package data pattern '
-        '`tfflows.data = *.npz` must be in setup.cfg [options.package_data].')
-  # Read into memory: the resource may live in a zip and not be seekable.
+        f'{name} is missing from the {__package__} package. In a source tree, run `{rebuild}`; '
+        'for an install, the package data pattern `tfflows.data = *.npz` must be in setup.cfg '
+        '[options.package_data].')
   with np.load(io.BytesIO(resource.read_bytes()), allow_pickle=False) as npz:
     arrays = {k: npz[k] for k in npz.files}
   for a in arrays.values():
-    a.setflags(write=False)  # shared by every caller through the cache
+    a.setflags(write=False)  # shared by every caller through the callers' caches
   return arrays
+
+
+@functools.lru_cache(maxsize=1)
+def _arrays():
+  return read_shipped_npz(RESOURCE, 'python -m tfflows.data.make_embedded')
 
 
 def load_embedded(split='train'):

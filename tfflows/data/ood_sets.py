@@ -21,10 +21,10 @@ antialiased, then rounded; grey repeated over the channels).
 """
 
 import functools
-import importlib.resources
-import io
 
 import numpy as np
+
+from tfflows.data import embedded
 
 RESOURCE = 'ood_sets.npz'
 STORED = ('sklearn_digits', 'photo_patches')
@@ -34,17 +34,9 @@ NAMES = STORED + TRANSFORMS
 
 @functools.lru_cache(maxsize=1)
 def _arrays():
-  resource = importlib.resources.files(__package__) / RESOURCE
-  if not resource.is_file():
-    raise FileNotFoundError(
-        f'{RESOURCE} is missing from the {__package__} package. In a source tree, run '
-        '`python -m tfflows.data.make_ood_sets` (needs scikit-learn and scikit-image); for an '
-        'install, setup.cfg [options.package_data] must include `tfflows.data = *.npz`.')
-  with np.load(io.BytesIO(resource.read_bytes()), allow_pickle=False) as npz:
-    arrays = {k: npz[k] for k in STORED}
-  for a in arrays.values():
-    a.setflags(write=False)
-  return arrays
+  arrays = embedded.read_shipped_npz(
+      RESOURCE, 'python -m tfflows.data.make_ood_sets')
+  return {k: arrays[k] for k in STORED}
 
 
 def stored_sets(image_shape=(32, 32, 1)):
