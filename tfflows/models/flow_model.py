@@ -2,6 +2,8 @@
 
     model.log_prob(images, num_samples=1)   [B] nats for uint8 images [B, H, W, C]
     model.bits_per_dim(images, num_samples=1)
+    model(images) / model.predict(images)   [B] nats: the one-sample bound, fresh noise
+    model.save('m.keras') / keras.models.load_model('m.keras')
     model.sample(n, temperature=1.0, seed=None) -> uint8 [n, H, W, C]
     model.encode(images) / model.decode(latents)
     model.distribution                     tfd distribution over dequantized images x + u
