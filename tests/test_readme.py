@@ -295,6 +295,37 @@ def test_unregistered_blocks_are_found_on_docs_pages_too():
   assert block.entry()[0] is None
 
 
+def _anchors(path):
+  """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to '-'."""
+  with open(path, encoding='utf-8') as f:
+    return {re.sub(r'[^\w\- ]', '', line.lstrip('#').strip().lower()).replace(' ', '-')
+            for line in f if line.startswith('#') and not line.startswith('#!')}
+
+
+def test_links_between_pages_resolve():
+  """Every relative link of every page names an existing file (and, into a page, an existing
+  heading), and the README's "Where to read on" lists the docs pages in PAGES order."""
+  broken = []
+  for page in PAGES:
+    path = os.path.join(ROOT, page)
+    with open(path, encoding='utf-8') as f:
+      text = re.sub(r'```.*?```', '', f.read(), flags=re.S)  # no links inside code
+    for link in re.findall(r'\]\(([^)\s]+)\)', text):
+      if re.match(r'[a-z]+:', link):
+        continue
+      name, _, anchor = link.partition('#')
+      target = os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else path
+      if not os.path.exists(target):
+        broken.append(f'{page}: {link} (no such file)')
+      elif anchor and target.endswith('.md') and anchor not in _anchors(target):
+        broken.append(f'{page}: {link} (no such heading)')
+  assert not broken, '\n'.join(broken)
+  readme = open(README, encoding='utf-8').read()
+  read_on = readme.split('## Where to read on', 1)[1].split('\n## ', 1)[0]
+  listed = list(dict.fromkeys(re.findall(r'\]\((docs/[^)#]+\.md)\)', read_on)))
+  assert listed == PAGES[1:], listed
+
+
 def test_readme_train_commands_parse(capsys):
   """Every `python -m train.main` of the README and the docs pages parses with the program's
   flags (its flagfile
