@@ -194,6 +194,33 @@ class FlowBijector(tfb.Bijector):
     return log_det + tf.zeros(tf.shape(x0)[:-EVENT_NDIMS], log_det.dtype)
 
 
+def noise_shapes(bijector):
+  """The [H, W, C] shapes of the augmentation noise ``bijector`` consumes (empty for all but
+  augmented bijectors, DenseFlow's cross-unit coupling and chains holding it)."""
+  return tuple(getattr(bijector, 'noise_shapes', ()))
+
+
+def forward_consuming(bijector, x, noise, **condition):
+  """(y, log-det, rest of noise): ``bijector``'s forward pass handed the first
+  len(noise_shapes(bijector)) tensors of the flat noise list (as ``noise=``), in order. The
+  one routing of augmentation noise through a sequence of bijectors (``AugmentedChain``, the
+  levels of ``MultiScaleFlow``)."""
+  num = len(noise_shapes(bijector))
+  if num:
+    condition = dict(condition, noise=list(noise[:num]))
+  y, log_det = bijector.forward_and_log_det(x, **condition)
+  return y, log_det, list(noise[num:])
+
+
+def inverse_recovering(bijector, y, **condition):
+  """(x, recovered noise list, ildj) of any bijector: the inverse of ``forward_consuming``
+  (an empty list for a bijector that consumes no noise)."""
+  if noise_shapes(bijector):
+    return bijector.inverse_with_noise(y, **condition)
+  x, ildj = bijector.inverse_and_log_det(y, **condition)
+  return x, [], ildj
+
+
 def sum_event(t):
   """Sums a [B, H, W, C] tensor over its event dimensions, giving [B]."""
   return tf.reduce_sum(t, axis=[-3, -2, -1])

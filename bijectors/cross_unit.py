@@ -231,7 +231,7 @@ class AugmentedChain(base.Chain):
 
   @property
   def noise_shapes(self):
-    return tuple(s for b in self.bijectors for s in getattr(b, 'noise_shapes', ()))
+    return tuple(s for b in self.bijectors for s in base.noise_shapes(b))
 
   def _forward_and_log_det(self, x, noise=(), **condition):
     noise = list(noise)
@@ -240,23 +240,15 @@ class AugmentedChain(base.Chain):
                        f'got {len(noise)}.')
     total = 0.
     for b in self.bijectors:
-      num = len(getattr(b, 'noise_shapes', ()))
-      if num:
-        x, ldj = b.forward_and_log_det(x, noise=noise[:num], **condition)
-        noise = noise[num:]
-      else:
-        x, ldj = b.forward_and_log_det(x, **condition)
+      x, ldj, noise = base.forward_consuming(b, x, noise, **condition)
       total = total + ldj
     return x, total
 
   def _inverse_with_noise(self, y, **condition):
     noise, total = [], 0.
     for b in reversed(self.bijectors):
-      if getattr(b, 'noise_shapes', ()):
-        y, recovered, ildj = b.inverse_with_noise(y, **condition)
-        noise = list(recovered) + noise
-      else:
-        y, ildj = b.inverse_and_log_det(y, **condition)
+      y, recovered, ildj = base.inverse_recovering(b, y, **condition)
+      noise = list(recovered) + noise
       total = total + ildj
     return y, noise, total
 

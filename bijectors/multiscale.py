@@ -38,12 +38,15 @@ from bijectors import base
 @dataclasses.dataclass
 class Level:
   """One level: ``transform`` maps the level's input to h; ``keep_channels`` of h go on (None
-  at the last level); ``noise_shapes`` lists the [H, W, C] shapes of the augmentation noise
-  tensors that ``transform`` consumes (empty for an ordinary bijector)."""
+  at the last level). An augmented ``transform`` (with ``noise_shapes``) consumes its slice of
+  the flat noise list (``base.forward_consuming``)."""
 
   transform: base.FlowBijector
   keep_channels: int = None
-  noise_shapes: tuple = ()
+
+  @property
+  def noise_shapes(self):
+    return base.noise_shapes(self.transform)
 
 
 class MultiScaleFlow(base.FlowBijector):
@@ -139,11 +142,7 @@ class MultiScaleFlow(base.FlowBijector):
     latents, contexts, total = [], [], 0.
     h = x
     for level in self.levels:
-      condition = {}
-      if level.noise_shapes:
-        condition['noise'] = noise[:len(level.noise_shapes)]
-        noise = noise[len(level.noise_shapes):]
-      h, ldj = level.transform.forward_and_log_det(h, **condition)
+      h, ldj, noise = base.forward_consuming(level.transform, h, noise)
       total = total + ldj
       if level.keep_channels is None:
         latents.append(h)
@@ -155,29 +154,29 @@ class MultiScaleFlow(base.FlowBijector):
         h = kept
     return latents[::-1], contexts[::-1], total
 
-  def decode_level(self, index, h, with_noise=False):
-    """Inverts level ``index`` (bottom-up numbering) from its full output h.
+  def decode_level(self, index, h):
+    """Inverts level ``index`` (bottom-up numbering) from its full output h: (input, ildj)
+    (augmentation noise it recovers is dropped, as generation does)."""
+    x, _, ildj = base.inverse_recovering(self.levels[index].transform, h)
+    return x, ildj
 
-    Returns (input, ildj) or, with_noise, (input, noise list, ildj)."""
-    transform = self.levels[index].transform
-    if self.levels[index].noise_shapes:
-      x, noise, ildj = transform.inverse_with_noise(h)
-    else:
-      (x, ildj), noise = transform.inverse_and_log_det(h), []
-    return (x, noise, ildj) if with_noise else (x, ildj)
+  def decode(self, latents):
+    """latents top-down (each [B, h, w, c]) -> (x, ildj)."""
+    x, _, ildj = self.decode_with_noise(latents)
+    return x, ildj
 
-  def decode(self, latents, with_noise=False):
-    """latents top-down (each [B, h, w, c]) -> (x, ildj) or, with_noise, (x, noise list,
-    ildj)."""
+  def decode_with_noise(self, latents):
+    """latents top-down (each [B, h, w, c]) -> (x, the flat noise list the forward map
+    consumed, ildj): the exact inverse of ``encode``."""
     latents = self.check_latents(latents)
     h, total, noise = latents[0], 0., []
     for k, index in enumerate(reversed(range(len(self.levels)))):
       if k > 0:
         h = tf.concat([h, latents[k]], axis=-1)
-      h, level_noise, ildj = self.decode_level(index, h, with_noise=True)
+      h, level_noise, ildj = base.inverse_recovering(self.levels[index].transform, h)
       noise = list(level_noise) + noise
       total = total + ildj
-    return (h, noise, total) if with_noise else (h, total)
+    return h, noise, total
 
   # -- the TFP bijector ----------------------------------------------------------------------
   # The public TFP methods check the structure first (TFP's own message would name nest
@@ -237,7 +236,7 @@ class MultiScaleFlow(base.FlowBijector):
     return latents, ldj
 
   def _inverse_and_log_det(self, y, **unused):
-    image, noise, ildj = self.decode(y, with_noise=True)
+    image, noise, ildj = self.decode_with_noise(y)
     return ([image] + list(noise) if self.is_augmented else image), ildj
 
   def _forward_dtype(self, input_dtype, **unused):

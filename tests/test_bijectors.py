@@ -1,4 +1,7 @@
-"""Tests of the basic bijectors: squeeze, 1x1 conv, coupling, permutations, preprocessing.
+"""Tests of what is particular to the basic bijectors: squeeze's channel order, the 1x1
+convolution's conventions, coupling masks and parities, permutations, preprocessing. What every
+bijector class must do (invertibility, log-det against the autodiff Jacobian, shapes, graphs with
+unknown batch, TFP's contract) is swept over all of them by tests/test_contract.py.
 
 Tolerances: round trips in float64 to 1e-10 (1e-5 in float32); log-dets against the autodiff
 Jacobian in float64 to 1e-6 (flow_checks); tf.function / XLA results against eager to 1e-5.
@@ -29,39 +32,10 @@ def coupling(channels, mask, parity=0, scale_fn='sigmoid'):
   return AffineCoupling(net, channels, mask=mask, parity=parity, scale_fn=scale_fn)
 
 
-def conv1x1(channels, parameterization):
-  """A 1x1 conv whose weights are moved away from the (log-det 0) orthogonal init."""
-  b = bijectors.InvertibleConv1x1(channels, parameterization)
-  rng = np.random.default_rng(0)
-  for w in b.params.trainable_weights:
-    w.assign(w.numpy() + 0.3 * rng.standard_normal(w.shape))
-  return b
-
-
 def flat_permutation(event_shape, out_shape=None):
   size = int(np.prod(event_shape))
   return bijectors.FlatPermutation(np.random.default_rng(1).permutation(size), event_shape,
                                    out_shape)
-
-
-# name -> (factory, input shape, input kind). Built inside the test (after the dtype fixture).
-CASES = {
-    'squeeze': (lambda: bijectors.Squeeze(), [2, 4, 4, 2], 'normal'),
-    'conv1x1_lu': (lambda: conv1x1(4, 'lu'), [2, 2, 2, 4], 'normal'),
-    'conv1x1_plain': (lambda: conv1x1(4, 'plain'), [2, 2, 2, 4], 'normal'),
-    'reverse': (lambda: bijectors.ReverseChannels(), [2, 2, 2, 3], 'normal'),
-    'swap_odd': (lambda: bijectors.SwapHalves(), [2, 2, 2, 5], 'normal'),
-    'channel_perm': (lambda: bijectors.ChannelPermutation([2, 0, 3, 1]), [2, 2, 2, 4], 'normal'),
-    'flat_perm': (lambda: flat_permutation([4, 4, 2], [2, 2, 8]), [2, 4, 4, 2], 'normal'),
-    'to_unit': (lambda: bijectors.ToUnitInterval(), [2, 2, 2, 3], 'pixels'),
-    'logit': (lambda: bijectors.Logit(0.05), [2, 2, 2, 3], 'unit'),
-}
-for _mask, _shape in [('channel', [2, 4, 4, 3]), ('checkerboard', [2, 4, 4, 2])]:
-  for _scale in ('sigmoid', 'exp_tanh', 'tanh'):
-    for _parity in (0, 1):
-      CASES[f'coupling_{_mask}_{_scale}_{_parity}'] = (
-          lambda m=_mask, s=_scale, p=_parity, c=_shape[-1]: coupling(c, m, p, s), _shape,
-          'normal')
 
 
 def make_input(shape, kind, dtype):
@@ -70,43 +44,6 @@ def make_input(shape, kind, dtype):
   if kind == 'unit':
     return tf.random.uniform(shape, -0.5, 0.5, dtype=dtype)
   return tf.random.normal(shape, dtype=dtype)
-
-
-# -- the shared checks on every bijector ----------------------------------------------------
-@pytest.mark.parametrize('case', sorted(CASES))
-def test_invertible_and_log_det_matches_jacobian(case, float64):
-  factory, shape, kind = CASES[case]
-  b = factory()
-  x = make_input(shape, kind, tf.float64)
-  y = flow_checks.assert_invertible(b, x, atol=ATOL64)
-  # forward(inverse(y)) == y as well.
-  x_back, _ = b.inverse_and_log_det(y)
-  y_again, _ = b.forward_and_log_det(x_back)
-  np.testing.assert_allclose(y_again.numpy(), y.numpy(), atol=ATOL64)
-  flow_checks.assert_log_det_matches_jacobian(b, x)
-
-
-@pytest.mark.parametrize('case', sorted(CASES))
-def test_event_shapes(case):
-  factory, shape, kind = CASES[case]
-  b = factory()
-  x = make_input(shape, kind, tf.float32)
-  y = b.forward(x)
-  assert b.forward_event_shape(x.shape[1:]) == y.shape[1:]
-  assert b.inverse_event_shape(y.shape[1:]) == x.shape[1:]
-  assert b.forward_event_shape_tensor(tf.constant(shape[1:])).numpy().tolist() == y.shape[1:]
-  assert b.inverse_event_shape_tensor(tf.constant(y.shape[1:])).numpy().tolist() == shape[1:]
-  # The TFP log-det methods give one value per example.
-  assert b.forward_log_det_jacobian(x).shape == [shape[0]]
-
-
-@pytest.mark.parametrize('jit_compile', [False, True])
-@pytest.mark.parametrize('case', sorted(CASES))
-def test_unknown_batch(case, jit_compile):
-  factory, shape, kind = CASES[case]
-  b = factory()
-  x = make_input([3] + shape[1:], kind, tf.float32)
-  flow_checks.assert_unknown_batch(b, x, jit_compile)
 
 
 # -- squeeze ----------------------------------------------------------------------------------

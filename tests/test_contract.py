@@ -12,7 +12,9 @@ Bijectors (float64, tiny events; ``CASES`` has a small constructor for every cla
 * the event-shape methods agree with real outputs, with and without leading axes;
 * ``is_constant_jacobian`` is declared exactly by the bijectors whose log-det does not depend
   on x, and their log-det is indeed the same at two inputs;
-* the inverse is differentiable: J_inverse . J_forward = identity (autodiff);
+* the log-det is log|det J| of the autodiff Jacobian, and the inverse is differentiable:
+  J_inverse . J_forward = identity;
+* forward and inverse trace with unknown leading axes under tf.function and XLA;
 * a wrong rank or channel count raises ValueError.
 
 Models (every family, tiny configs): ``model.distribution`` samples with shape () and [2, 3],
@@ -130,6 +132,12 @@ CASES = {
                                   (2, 2, 2), channels=2),
     'coupling_one_pixel': Case(bijectors.AffineCoupling, lambda: _coupling(2), (1, 1, 2),
                                channels=2),
+    'coupling_channel_sigmoid': Case(bijectors.AffineCoupling,
+                                     lambda: _coupling(3, 'channel', 0, 'sigmoid'), (2, 2, 3),
+                                     channels=3),
+    'coupling_checkerboard_odd': Case(bijectors.AffineCoupling,
+                                      lambda: _coupling(2, 'checkerboard', 1, 'tanh'),
+                                      (2, 2, 2), channels=2),
     'coupling_context': Case(
         bijectors.AffineCoupling,
         lambda: bijectors.AffineCoupling(_conv(4), 4, mask='channel', scale_fn='exp_tanh'),
@@ -299,20 +307,33 @@ def test_any_number_of_leading_axes(case_and_bijector):
 
 
 @pytest.mark.parametrize('jit_compile', [False, True])
-@pytest.mark.parametrize('case_and_bijector', ['actnorm', 'mixlogcdf', 'multi_scale_flow'],
-                         indirect=True)
+@_cases()
 def test_unknown_leading_axes_in_a_graph(case_and_bijector, jit_compile):
-  """Under tf.function (and XLA) with unknown leading axes, and for one event."""
+  """Under tf.function (and XLA) with unknown leading axes, and for one event: forward and
+  inverse give the eager numbers."""
   case, b = case_and_bijector
-  x, _ = _inputs(case, [2, 3], seed=2)
-  y, fldj = b.forward_and_log_det(x)
-  spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, None] + t.shape[2:], t.dtype), x)
-  forward = tf.function(b.forward_and_log_det, input_signature=[spec], jit_compile=jit_compile)
-  y_graph, fldj_graph = forward(x)
+  x, condition = _inputs(case, [2, 3], seed=2)
+  y, fldj = b.forward_and_log_det(x, **condition)
+
+  def spec(structure):
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec([None, None] + t.shape[2:], t.dtype), structure)
+
+  forward = tf.function(lambda t, c: b.forward_and_log_det(t, **c),
+                        input_signature=[spec(x), spec(condition)], jit_compile=jit_compile)
+  y_graph, fldj_graph = forward(x, condition)
   _assert_close(y_graph, y, atol=1e-9)
   np.testing.assert_allclose(np.broadcast_to(fldj_graph, [2, 3]), np.broadcast_to(fldj, [2, 3]),
                              atol=1e-9)
-  y0, fldj0 = tf.function(b.forward_and_log_det, jit_compile=jit_compile)(_index(_index(x, 0), 1))
+  inverse = tf.function(lambda t, c: b.inverse_and_log_det(t, **c),
+                        input_signature=[spec(y), spec(condition)], jit_compile=jit_compile)
+  x_graph, ildj_graph = inverse(y, condition)
+  _assert_close(x_graph, x, atol=1e-8)
+  np.testing.assert_allclose(np.broadcast_to(ildj_graph, [2, 3]), -np.broadcast_to(fldj, [2, 3]),
+                             atol=1e-8)
+  one = _index(_index(x, 0), 1), _index(_index(condition, 0), 1)
+  y0, fldj0 = tf.function(lambda t, c: b.forward_and_log_det(t, **c),
+                          jit_compile=jit_compile)(*one)
   _assert_close(y0, _index(_index(y, 0), 1), atol=1e-9)
   assert fldj0.shape == []
 
@@ -434,13 +455,20 @@ def _output_and_jacobian(fn, structure, **condition):
 
 
 @_cases()
-def test_inverse_jacobian_inverts_forward_jacobian(case_and_bijector):
-  """J_inverse(y) . J_forward(x) = identity for one event (the inverse has gradients)."""
+def test_log_det_and_inverse_match_the_autodiff_jacobians(case_and_bijector):
+  """For one event: the forward log-det is log|det J_forward(x)| (maps whose output has the
+  size of x; an augmented map's log-det includes the noise, tests/test_denseflow.py checks it
+  on the joint Jacobian), and J_inverse(y) . J_forward(x) = identity (the inverse has
+  gradients)."""
   case, b = case_and_bijector
   x, condition = _inputs(case, [], seed=7)
   y, j_forward = _output_and_jacobian(b.forward_and_log_det, x, **condition)
   _, j_inverse = _output_and_jacobian(b.inverse_and_log_det, y, **condition)
   np.testing.assert_allclose(j_inverse @ j_forward, np.eye(j_inverse.shape[0]), atol=1e-8)
+  if j_forward.shape[0] == j_forward.shape[1]:
+    _, log_abs_det = np.linalg.slogdet(j_forward.numpy())
+    fldj = b.forward_and_log_det(x, **condition)[1]
+    np.testing.assert_allclose(fldj, log_abs_det, atol=1e-8, rtol=1e-8)
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def test_flow_inverse_recovers_dequantized_image_and_noise(tiny):
   values, _ = tiny.dequantizer(images, seed=tf.constant([0, 1]))
   noise, _ = tiny._augmentation_noise(4, seeds=[tf.constant([i, 2]) for i in range(2)])  # pylint: disable=protected-access
   latents, _, log_det = tiny.flow.encode(values, noise)
-  back, noise_back, ildj = tiny.flow.decode(latents, with_noise=True)
+  back, noise_back, ildj = tiny.flow.decode_with_noise(latents)
   np.testing.assert_allclose(back, values, atol=2e-3)
   for e, e_back in zip(noise, noise_back):
     np.testing.assert_allclose(e_back, e, atol=2e-3)

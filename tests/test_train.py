@@ -863,7 +863,7 @@ def test_eval_sample_and_export_of_a_model_that_gives_nan_fail_and_write_nothing
   checkpoint_contents.model_checkpoint(model).write(poisoned)
   checkpoint_files.write_state(os.path.join(workdir, 'checkpoints'), poisoned)
   before = _snapshot(workdir)
-  for mode, expected in (('eval', f'eval: the model of {poisoned} gives NaN or Inf bits/dim'),
+  for mode, expected in (('eval', f'under the model of {poisoned}: the model gives NaN or Inf'),
                          ('sample', 'model.sample(n=4, temperature=1.0): 4 of 4 images hold NaN')):
     assert expected in _stops(f'--workdir={workdir}', f'--mode={mode}')
   assert _snapshot(workdir) == before

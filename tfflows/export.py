@@ -48,7 +48,6 @@ into a temporary sibling directory and renamed into place, so a crash leaves no 
 export.
 """
 
-import math
 import os
 import shutil
 import tempfile
@@ -58,10 +57,11 @@ import tensorflow as tf
 
 from tfflows import atomic
 from tfflows import ood
+from tfflows import random
 from tfflows import serving_warmup
 from tfflows.config import FlowConfig
-from tfflows.distributions import joint
-from tfflows.models.flow_model import NonFiniteError, check_sample_overflow, to_images
+from tfflows.models.flow_model import (NonFiniteError, check_sample_overflow, refuse_non_finite,
+                                     to_images)
 
 CONFIG_NAME = 'config.json'
 TYPICALITY_NAME = ood.TYPICALITY_NAME
@@ -112,13 +112,9 @@ class FlowServingModule(tf.Module):
     # ("Shape of tensor images [2,4,8,1] is not compatible with expected shape [?,8,8,1].").
     images = tf.ensure_shape(images, (None,) + tuple(self.model.image_shape), name='images')
     values = self.model.check_images(images)
-    seed = joint.stateless_seed(tf.constant(SERVING_SEED, tf.int32))
+    seed = random.stateless_seed(tf.constant(SERVING_SEED, tf.int32))
     log_prob = self.model.estimate_log_prob(values, self.num_importance_samples, seed)
-    # bits/dim = -log_prob / (D ln 2). A plain division by a constant is rewritten by Grappler
-    # into a multiplication by its reciprocal (1 ulp off the eager division in ~13% of cases);
-    # divide_no_nan is not rewritten, so the served value equals model.bits_per_dim exactly.
-    nats_per_bit_dim = tf.constant(self.model.num_dims * math.log(2.), log_prob.dtype)
-    bits_per_dim = tf.math.divide_no_nan(-log_prob, nats_per_bit_dim)
+    bits_per_dim = self.model.to_bits_per_dim(log_prob)
     return {'log_prob': _refuse_non_finite(log_prob, 'log_prob'),
             'bits_per_dim': _refuse_non_finite(bits_per_dim, 'bits_per_dim')}
 
@@ -278,12 +274,8 @@ def _warmup_requests(model, check_images, typicality, num_importance_samples):
 
 def check_finite_log_prob(model, images, num_importance_samples):
   """NonFiniteError unless the model's served log_prob of ``images`` is finite."""
-  log_prob = model.log_prob(images, num_importance_samples, seed=SERVING_SEED).numpy()
-  bad = ~np.isfinite(log_prob)
-  if bad.any():
-    raise NonFiniteError(f'the model gives a NaN or Inf log_prob for {int(bad.sum())} of '
-                         f'{bad.size} check images: it is broken (check the checkpoint it was '
-                         'restored from), so it is not exported.')
+  refuse_non_finite(model.log_prob(images, num_importance_samples, seed=SERVING_SEED),
+                    'export: the log_prob of the check images', 'so it is not exported')
 
 
 def _check_initialised(model):

@@ -60,7 +60,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfflows.models.flow_model import NonFiniteError
+from tfflows.models.flow_model import refuse_non_finite
 
 PNG_COMPRESSION = 9  # zlib level of tf.io.encode_png (0-9; 9: the smallest files)
 TYPICALITY_NAME = 'typicality.json'
@@ -139,12 +139,7 @@ def batched_scores(model, images, batch_size=100, num_samples=1, seed=SERVING_SE
 
 
 def _refuse_non_finite(values, what):
-  bad = ~np.isfinite(values)
-  if bad.any():
-    raise NonFiniteError(f'{what}: the model gives NaN or Inf for {int(bad.sum())} of '
-                         f'{bad.size} images; no score is computed from them (a model that '
-                         'gives them is broken: check the checkpoint).')
-  return values
+  return refuse_non_finite(values, what, 'no score is computed from them')
 
 
 # ------------------------------------------------------------------------------ typicality

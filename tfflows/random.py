@@ -3,6 +3,7 @@
 depend on its own seed only, never on the batch it is in).
 
     uniform(shape, seed, dtype) / normal(shape, seed, dtype)
+    stateless_seed(seed)        -> [2] int32      an int n as the stateless seed (0, n)
     example_seeds(images, seed) -> [B, 2] int32   a seed per image from its content and `seed`
     fold_in(seeds, data)        -> seeds of the same shape, one new stream per value of `data`
 
@@ -78,6 +79,16 @@ def _as_int32(words):
   return tf.bitcast(words, tf.int32)
 
 
+def stateless_seed(seed):
+  """A stateless [2] int32 seed from an int n (Python or scalar tensor: the pair (0, n); TFP
+  and Keras would treat a bare int as a stateful seed) or a [2] int seed (returned as int32).
+  The one conversion of the project's seeds (served log-likelihoods, prior sampling)."""
+  seed = tf.convert_to_tensor(seed)
+  if seed.shape.rank == 0:
+    seed = tf.stack([tf.zeros([], seed.dtype), seed])
+  return tf.cast(seed, tf.int32)
+
+
 # ------------------------------------------------------------------------ per-example seeds
 def example_seeds(images, seed):
   """[B, 2] int32 seeds, row b a function of image b's pixel values and the [2] (or scalar)
@@ -87,10 +98,7 @@ def example_seeds(images, seed):
   through two multilinear hashes sum_i a_i x_i mod 2^32 with Philox-drawn coefficients a_i
   (integer sums: exact in any order, so the same for every batch size and device), which Philox
   then mixes with the seed."""
-  seed = tf.convert_to_tensor(seed)
-  if seed.shape.rank == 0:
-    seed = tf.stack([tf.zeros([], seed.dtype), seed])
-  seed = _as_uint32(seed)
+  seed = _as_uint32(stateless_seed(seed))
   images = tf.convert_to_tensor(images)
   if images.dtype.is_floating:
     images = tf.cast(tf.round(images), tf.int32)

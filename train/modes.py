@@ -17,7 +17,7 @@ from absl import logging
 
 import tfflows
 from tfflows import atomic
-from tfflows.models.flow_model import NonFiniteError
+from tfflows.models.flow_model import refuse_non_finite
 
 from tfflows.data import pipeline
 from train import checkpoint_contents
@@ -130,12 +130,8 @@ def run_eval(run):
 
 
 def _finite(bits_per_dim, prefix, batch):
-  bad = ~np.isfinite(bits_per_dim)
-  if bad.any():
-    raise NonFiniteError(f'eval: the model of {prefix} gives NaN or Inf bits/dim for '
-                         f'{int(bad.sum())} of {bad.size} test images of batch {batch}; nothing '
-                         'is written (a model that gives them is broken: check the checkpoint).')
-  return bits_per_dim
+  return refuse_non_finite(bits_per_dim, f'eval: bits/dim of test batch {batch} under the model '
+                           f'of {prefix}', 'nothing is written')
 
 
 # ---------------------------------------------------------------------------------- samples

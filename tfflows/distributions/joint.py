@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bijectors import base
+from tfflows import random
 
 tfd = tfp.distributions
 Root = tfd.JointDistributionCoroutine.Root
@@ -59,7 +60,7 @@ def sample_top_down(flow, priors, num_samples, temperature=1.0, seed=None):
   num = len(priors)
   seeds = [None] * num
   if seed is not None:
-    seeds = tfp.random.split_seed(stateless_seed(seed), n=num, salt='sample_top_down')
+    seeds = tfp.random.split_seed(random.stateless_seed(seed), n=num, salt='sample_top_down')
   z = priors[0].distribution(None, temperature).sample(num_samples, seed=seeds[0])
   latents, h = [z], z
   for k in range(1, num):
@@ -69,11 +70,3 @@ def sample_top_down(flow, priors, num_samples, temperature=1.0, seed=None):
     h = tf.concat([r, z], axis=-1)
   x, _ = flow.decode_level(0, h)
   return x, latents
-
-
-def stateless_seed(seed):
-  """An int or a [2] tensor -> a stateless [2] int32 seed (TFP treats a bare int as stateful)."""
-  seed = tf.convert_to_tensor(seed)
-  if seed.shape.rank == 0:
-    seed = tf.stack([tf.zeros([], seed.dtype), seed])
-  return tf.cast(seed, tf.int32)

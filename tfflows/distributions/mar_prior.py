@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bijectors import batching
+from tfflows import random
 from tfflows.nn import torch_init
 from tfflows.nn.conv_lstm import ConvLSTMStack
 
@@ -151,7 +152,8 @@ class MARPrior(keras.layers.Layer):
     embedded = self._embed(context)
     batch = self._batch(embedded, batch_size)
     shape = tf.stack([batch, self.height, self.width, self.channels])
-    noise = tf.random.stateless_normal(shape, _stateless_seed(seed), dtype=self.compute_dtype,
+    seed = tfp.random.sanitize_seed(None) if seed is None else random.stateless_seed(seed)
+    noise = tf.random.stateless_normal(shape, seed, dtype=self.compute_dtype,
                                        alg='philox')  # same stream on CPU, GPU and XLA
     state = self.lstm.initial_state(batch, self.height, self.width)
     prev, drawn = tf.zeros_like(noise[..., :1]), []
@@ -198,16 +200,6 @@ class MARPrior(keras.layers.Layer):
   def _bound(self, raw):
     b = self.log_sigma_bound
     return b * tf.tanh(raw / b)
-
-
-def _stateless_seed(seed):
-  """A stateless [2] int32 seed; an int (python or scalar tensor) n maps to the pair (0, n)."""
-  if seed is None:
-    return tfp.random.sanitize_seed(None)
-  seed = tf.convert_to_tensor(seed)
-  if seed.shape.rank == 0:
-    seed = tf.stack([tf.zeros([], seed.dtype), seed])
-  return tf.cast(seed, tf.int32)
 
 
 def normal_log_prob(x, mu, log_sigma, temperature=1.):

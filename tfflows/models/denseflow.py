@@ -154,7 +154,7 @@ def build_levels(config):
       h, w, c = h // 2, w // 2, 4 * c
       keep = c // 2
     chain = cross_unit.AugmentedChain(bijs, name=f'level{b}')
-    levels.append(multiscale.Level(chain, keep_channels=keep, noise_shapes=chain.noise_shapes))
+    levels.append(multiscale.Level(chain, keep_channels=keep))
     if keep is not None:
       c = keep
   return levels
