@@ -319,7 +319,7 @@ def test_lost_worker_message_names_the_cause_and_the_checkpoint():
 @pytest.mark.slow  # about 30 s on 2 cores: two TF programs' start-up and tracing
 def test_scaling_benchmark_runs():
   """python -m train.benchmark_scaling (one device and 2 mirrored replicas, tiny config) runs
-  to its table: the program behind the README's scaling figures."""
+  to its table: the program behind the scaling figures of docs/results.md."""
   out = subprocess.run(
       [sys.executable, '-m', 'train.benchmark_scaling', '--flagfile=configs/tiny.flags',
        '--configurations=one,mirrored', '--steps=1', '--warmup=1', '--batch_size=4'],

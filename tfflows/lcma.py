@@ -32,7 +32,7 @@ dimension they started from (a coupling transforms dimension i in place, a squee
 Mixing bijectors (Glow's 1x1 convolutions, any dense mixing) have no per-dimension log-det: the
 walk refuses them, so the analysis runs on RealNVP only. The permutations it writes apply to
 any multi-scale flow whose levels are [squeeze, dimension-preserving layers, split] with the
-same split shapes, Glow included (the README's LCMA section).
+same split shapes, Glow included (docs/lcma.md).
 
 The choice of halves and the masks file (``write_masks`` / ``load_masks``) are described in
 ``tfflows.split_permutations``, the building block the model builders use; this module

@@ -28,8 +28,8 @@ flags.DEFINE_string(
     'mode', 'train',
     'What to run: one mode or a comma list run in order in one invocation, e.g. '
     '"train,eval,sample,export" (the quick start). Modes: train, eval, sample, interpolate, '
-    'export, memorization, ood (out-of-distribution AUROCs; see README), lcma_analyze (LCMA '
-    'phase 2; see README).')
+    'export, memorization, ood (out-of-distribution AUROCs; docs/ood.md), lcma_analyze '
+    '(LCMA phase 2; docs/lcma.md).')
 flags.DEFINE_string(
     'workdir', None,
     'Directory of the run: config.json, flags.txt, checkpoints/, best/, tensorboard/, eval/, '
@@ -190,7 +190,7 @@ MODEL_HELP = {
     'pinv_iterations': 'DenseFlow: Nystrom pseudo-inverse iterations.',
     'attention': 'DenseFlow: attention form of the coupling networks: official (what the '
                  'authors\' code computes, the paper\'s numbers) or published (Nystrom '
-                 'attention over pixel positions). README, "DenseFlow against the official code".',
+                 'attention over pixel positions). docs/official_comparison.md.',
     'dequantization': 'Dequantization: uniform or variational.',
     'mar_hidden': 'mAR-SCF: ConvLSTM hidden channels of the prior.',
     'mar_layers': 'mAR-SCF: ConvLSTM layers of the prior.',
