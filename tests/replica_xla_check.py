@@ -34,9 +34,8 @@ def train(strategy, per_replica_xla):
   keras.utils.set_random_seed(1)
   with strategy.scope():
     model = tfflows.build_model(CONFIG)
-    model.max_grad_norm = 0.05
-    model.replica_jit_compile = per_replica_xla
-    model.compile(optimizers.FusedAdamax(1e-3), jit_compile=not per_replica_xla)
+    model.compile(optimizers.FusedAdamax(1e-3), max_grad_norm=0.05, jit_compile=True)
+    assert model.replica_jit_compile == per_replica_xla
     model.optimizer.build(model.trainable_variables)
     # ActNorm's data-dependent initialisation on one global batch, in cross-replica context.
     model(tf.cast(IMAGES[:GLOBAL_BATCH], tf.float32), training=True)

@@ -52,12 +52,12 @@ def make_optimizer(name, learning_rate):
       learning_rate=learning_rate)
 
 
-def build_training_model(run, schedule, per_replica_xla=False):
+def build_training_model(run, schedule):
   """The compiled FlowModel with a built optimizer (call under the strategy's scope).
 
   With jit_compile on, one device has Keras compile the whole step with XLA; under a
-  strategy (per_replica_xla) each replica's forward and backward pass is one XLA program and
-  the all-reduce and the optimizer update run outside it (tfflows.models.replica_step)."""
+  strategy each replica's forward and backward pass is one XLA program and the all-reduce and
+  the optimizer update run outside it (``FlowModel.compile``, tfflows.models.replica_step)."""
   f = run.flags
   # --mixed_precision is Keras' 'mixed_float16' policy, set while the model is built: build_model
   # creates the networks under it and everything else in float32, the model that
@@ -68,11 +68,9 @@ def build_training_model(run, schedule, per_replica_xla=False):
                     'drop one of them.')
   with precision.dtype_policy_scope('mixed_float16' if f.mixed_precision else None):
     model = run.build_model()
-  model.max_grad_norm = f.max_grad_norm
-  model.scale_l2 = f.scale_l2
-  model.replica_jit_compile = bool(run.jit_compile and per_replica_xla)
   optimizer = make_optimizer(f.optimizer, schedule)
-  model.compile(optimizer, jit_compile=bool(run.jit_compile and not per_replica_xla))
+  model.compile(optimizer, max_grad_norm=f.max_grad_norm, scale_l2=f.scale_l2,
+                jit_compile=bool(run.jit_compile))
   optimizer.build(model.trainable_variables)
   _warn_of_xla_loops_on_cpu(model, run.jit_compile)
   return model
@@ -165,7 +163,7 @@ def run_train(run):
     return next(iter(train_ds))
 
   with strategy.scope():
-    model = build_training_model(run, schedule, per_replica_xla=f.strategy != 'default')
+    model = build_training_model(run, schedule)
     if f.mixed_precision:
       check_mixed_precision(model, first_batch())
     checkpointer = checkpoints.Checkpointer(run.workdir, model, model.optimizer,
