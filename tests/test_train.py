@@ -35,7 +35,6 @@ from train import checkpoint_files
 from train import checkpoints
 from train import flags as train_flags
 from train import main as train_main
-from train import model_vetting
 from train import modes
 from train import schedule
 from train import trainer
@@ -374,25 +373,6 @@ def _assert_every_checkpoint_is_good(workdir):
       model = tfflows.build_model(run.config)
       checkpoint_contents.restore_model(model, prefix)
       assert np.all(np.isfinite(model.log_prob(images, seed=0).numpy())), prefix
-
-
-def test_nan_weights_are_never_saved(tmp_path):
-  model = tfflows.build_model(tfflows.FlowConfig(model='glow', image_shape=(8, 8, 1),
-                                                 num_levels=2, steps_per_level=1, width=4))
-  import keras  # pylint: disable=import-outside-toplevel
-  model.compile(keras.optimizers.Adamax(1e-3))
-  model.optimizer.build(model.trainable_variables)
-  saver = checkpoints.Checkpointer(str(tmp_path), model, model.optimizer, keep=1)
-  model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan))
-  with pytest.raises(model_vetting.PoisonedWeightsError, match='NaN or Inf'):
-    saver.save(1, 0)
-  assert not _steps(str(tmp_path))
-  guard = callbacks.NonFiniteGuard('skip')
-  guard.set_model(model)
-  guard.on_train_begin()
-  model.nonfinite_tracker.update_state(1.)
-  guard.on_train_batch_end(0, {'loss': np.nan})
-  assert guard.skipped == 1
 
 
 # ------------------------------------------------------ eval, sample, interpolate, export

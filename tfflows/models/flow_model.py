@@ -414,7 +414,7 @@ class FlowModel(keras.Model):
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
     # Steps whose loss or gradient was NaN or Inf (no update applied): not a reported metric;
-    # train/callbacks.NonFiniteGuard reads it after each batch.
+    # train/model_vetting.NonFiniteGuard reads it after each batch.
     self.nonfinite_tracker = keras.metrics.Sum(name='nonfinite_steps')
 
   def get_compile_config(self):
