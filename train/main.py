@@ -47,11 +47,13 @@ STOPPING_ERRORS = (app.UsageError, UserError, model_vetting.NonFiniteLossError,
 
 
 def configure_devices(num_cpu_devices):
-  """Splits the CPU into logical devices (before TensorFlow initialises its devices)."""
+  """Splits the CPU into logical devices (before TensorFlow initialises its devices; a no-op
+  where the CPU is split so already, as when ``main`` runs in a process that did it)."""
   if num_cpu_devices > 1:
     cpu = tf.config.list_physical_devices('CPU')[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+    split = [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices
+    if tf.config.get_logical_device_configuration(cpu) != split:
+      tf.config.set_logical_device_configuration(cpu, split)
 
 
 def quiet_library_info():

@@ -459,9 +459,9 @@ class FlowModel(keras.Model):
   def train_step(self, data):
     """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
     context; ``replica_step`` has the forward and backward per replica (XLA-compiled per
-    replica when ``compile`` asked for XLA under a strategy), one all-reduce of the mean gradient, and the update
-    on the reduced gradients: the single-device step on the global batch (see there for what
-    stays per replica)."""
+    replica when ``compile`` asked for XLA under a strategy), one all-reduce of the mean
+    gradient, and the update on the reduced gradients: the single-device step on the global
+    batch (see there for what stays per replica)."""
     bpd, loss, grads = replica_step.loss_and_gradients(self, _images_of(data))
     bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)
