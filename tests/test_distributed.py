@@ -175,7 +175,7 @@ def test_xla_per_replica_under_mirrored_matches_the_single_device_xla_step():
   images = np.random.RandomState(0).randint(0, 256, (3 * global_batch, 8, 8, 1)).astype(np.uint8)
   single, single_history, _, single_per_replica = _train_two_steps(
       tf.distribute.get_strategy(), images, global_batch)
-  mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  mirrored = distributed.make_strategy('mirrored')   # the process's one MirroredStrategy
   replicas, mirrored_history, traces, per_replica = _train_two_steps(mirrored, images,
                                                                      global_batch)
   assert (single_per_replica, per_replica) == (False, True)
@@ -186,6 +186,20 @@ def test_xla_per_replica_under_mirrored_matches_the_single_device_xla_step():
   for key in ('bpd', 'loss', 'grad_norm'):
     np.testing.assert_allclose(mirrored_history[key][-1], single_history[key][-1], rtol=1e-5)
   assert single_history['grad_norm'][-1] > 0.05  # the clip (max_grad_norm 0.05) was active
+
+
+def test_multiworker_strategy_constructs_from_tf_config():
+  """A one-worker cluster: MultiWorkerMirroredStrategy reads TF_CONFIG (collective ops must be
+  configured at program start, hence a fresh process)."""
+  tf_config = json.dumps({'cluster': {'worker': ['localhost:0']},
+                          'task': {'type': 'worker', 'index': 0}})
+  code = ('from train import distributed; s = distributed.make_strategy("multiworker"); '
+          'print(type(s).__name__, s.num_replicas_in_sync, distributed.is_chief(s))')
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=tf_config)
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'CollectiveAllReduceStrategy 1 (True, 0)' in result.stdout  # its class name in TF 2
 
 
 # ------------------------------------------------------------------ 2 workers on 127.0.0.1

@@ -485,20 +485,6 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, caplog):
     assert np.isfinite(json.load(f)['test_bits_per_dim'])
 
 
-def test_multiworker_strategy_constructs_from_tf_config():
-  """A one-worker cluster: MultiWorkerMirroredStrategy reads TF_CONFIG (collective ops must be
-  configured at program start, hence a fresh process)."""
-  tf_config = json.dumps({'cluster': {'worker': ['localhost:0']},
-                          'task': {'type': 'worker', 'index': 0}})
-  code = ('from train import trainer; s = trainer.make_strategy("multiworker"); '
-          'print(type(s).__name__, s.num_replicas_in_sync, trainer.is_chief(s))')
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=tf_config)
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'CollectiveAllReduceStrategy 1 (True, 0)' in result.stdout  # its class name in TF 2
-
-
 def test_sigkill_mid_epoch_loses_only_the_steps_since_the_last_checkpoint(tmp_path, caplog):
   args = [f'--workdir={tmp_path}', '--epochs=1', '--steps_per_epoch=400',
           '--checkpoint_every_steps=5', '--nojit_compile', '--mode=train']

@@ -45,7 +45,6 @@ class Run:
   jit_compile: bool
   temperatures: list
   _models: dict = dataclasses.field(default_factory=dict)
-  _strategy: object = None
 
   # ------------------------------------------------------------------------------ creation
   @classmethod
@@ -144,12 +143,9 @@ class Run:
   # ------------------------------------------------------------------------- distribution
   @property
   def strategy(self):
-    """The tf.distribute strategy of --strategy, made once per process (MultiWorkerMirrored-
-    Strategy configures the collectives of the process and cannot be made twice)."""
-    if self._strategy is None:
-      self._strategy = distributed.make_strategy(self.flags.strategy,
-                                                 self.flags.worker_timeout_seconds)
-    return self._strategy
+    """The tf.distribute strategy of --strategy (made once per process:
+    ``distributed.make_strategy``)."""
+    return distributed.make_strategy(self.flags.strategy, self.flags.worker_timeout_seconds)
 
   @property
   def is_chief(self):

@@ -41,10 +41,6 @@ from train import schedule as lr_schedule
 from train.run import UserError, say
 
 
-make_strategy = distributed.make_strategy  # the names other modules and tests use
-is_chief = distributed.is_chief
-
-
 def make_optimizer(name, learning_rate):
   """Adamax or Adam (Keras defaults; one fused kernel per variable, ``tfflows.optimizers``) at a
   learning-rate schedule. No loss scaling, also for float16 networks: FlowModel's train step
