@@ -1,9 +1,8 @@
 """The training program train.main: flags, training and resuming, eval, samples, export.
 
-Runs happen in this process (``_main``: parse the flags, call ``train.main.main``; MirroredStrategy
-uses the two logical CPU devices of tests/conftest.py) except where a fresh process is what is
-tested: the quiet start-up of the command line, a run killed by SIGKILL, and
-MultiWorkerMirroredStrategy (its collectives are configured once per process).
+Runs happen in this process (``_main``: parse the flags, call ``train.main.main``;
+MirroredStrategy uses the two logical CPU devices of tests/conftest.py) except where a separate
+process is what is tested: the quiet start-up of the command line and a run killed by SIGKILL.
 """
 
 import contextlib
@@ -204,15 +203,18 @@ def test_result_files_are_keyed_by_checkpoint_and_settings():
     path('histogram', 1)
 
 
-def test_missing_data_says_where_to_put_it(tmp_path, capsys):
+def test_missing_data_says_where_to_put_it(tmp_path, capsys, caplog):
   empty = tmp_path / 'data'
   empty.mkdir()
-  with pytest.raises(SystemExit, match=r'dataset=cifar10: data not found.*--data_dir.*'
+  with caplog.at_level(logging.INFO, logger='absl'), \
+       pytest.raises(SystemExit, match=r'dataset=cifar10: data not found.*--data_dir.*'
                                        r'tfds build cifar10') as stopped:
-    _main(f'--workdir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={empty}')
+    _main(f'--workdir={tmp_path / "run"}', '--dataset=cifar10', f'--data_dir={empty}',
+          '--verbosity=0')
   assert not _steps(tmp_path / 'run')
   assert 'TFDS said' not in str(stopped.value)  # no folder at all: nothing more to say
-  logged = capsys.readouterr().err
+  logged = capsys.readouterr().err + caplog.text
+  assert '--mode=train in' in logged   # the log is seen here
   assert 'data not found' not in logged  # printed once, by the exit
   assert 'dataset_info.json' not in logged  # no TFDS warning about the absent folder
 
