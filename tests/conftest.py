@@ -1,4 +1,5 @@
-"""Test configuration: quiet TensorFlow, float32 by default, and a float64 fixture."""
+"""Test configuration: quiet TensorFlow, the CPU as two logical devices, float32 by default,
+and a float64 fixture."""
 
 import os
 
@@ -7,6 +8,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, set before TensorFlow initialises its devices, so that
+# MirroredStrategy over two replicas runs in the test process (the split `--num_cpu_devices=2`
+# makes, which train.main.configure_devices then leaves as it is); everything else places its
+# ops on the first, as on one CPU.
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices('CPU')[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""Checkpoints of a workdir (train/checkpoints.py and the checkpoint_files, checkpoint_contents,
-model_vetting and disk_space modules it uses): nothing committed is lost, nothing half-written
-is used, nothing poisoned is saved, a full disk is one clear error.
+"""The workdir (train/checkpoints.py and the checkpoint_files, checkpoint_contents,
+model_vetting and disk_space modules it uses): config.json describes the workdir's model,
+nothing committed is lost, nothing half-written is used, nothing poisoned is saved, a full disk
+is one clear error.
 
-Every test builds a tiny Glow (8x8x1) and a Checkpointer on a temporary workdir; no training."""
+The tests build a tiny Glow (8x8x1) and a Checkpointer on a temporary workdir; no training."""
 
 import errno
 import glob
@@ -13,15 +14,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import app
 
 import tfflows
 from tests import flow_checks
 from tfflows import atomic
-from train import callbacks
 from train import checkpoint_contents
 from train import checkpoint_files
 from train import checkpoints
 from train import disk_space
+from train import flags as train_flags
 from train import model_vetting
 
 TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=1, width=4)
@@ -68,6 +70,29 @@ def _poison(model):
   net = flow_checks.first_level_networks(model)
   for w in net:
     w.assign(tf.fill(w.shape, tf.constant(1e30, w.dtype)))
+
+
+# ------------------------------------------------------------ config.json and flags.txt
+def test_config_json_is_written_once_and_the_flags_must_describe_it(tmp_path):
+  config = tfflows.FlowConfig(**TINY_GLOW)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flag_values = train_flags.FLAGS
+  flag_values.unparse_flags()
+  flag_values(['train.main', f'--flagfile={root}/configs/tiny.flags', f'--workdir={tmp_path}'])
+  checkpoints.check_config(str(tmp_path), config)   # no config.json yet: any model
+  checkpoints.write_config(str(tmp_path), config, flag_values)
+  with open(tmp_path / 'config.json', encoding='utf-8') as f:
+    assert tfflows.FlowConfig.from_dict(json.load(f)) == config
+  assert f'--workdir={tmp_path}' in (tmp_path / 'flags.txt').read_text().splitlines()
+  checkpoints.check_config(str(tmp_path), config)
+  with pytest.raises(app.UsageError, match=r'the model flags differ from the model trained in '
+                                           r'.*: --width=8 \(workdir: 4\)\. Use the flags'):
+    checkpoints.check_config(str(tmp_path), config.replace(width=8))
+  checkpoints.write_config(str(tmp_path), config.replace(width=8), flag_values)  # not rewritten
+  checkpoints.check_config(str(tmp_path), config)
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(app.UsageError, match='config.json cannot be read as the JSON'):
+    checkpoints.check_config(str(tmp_path), config)
 
 
 # ------------------------------------------------------------------ item 1: the state file
@@ -215,9 +240,18 @@ def test_a_model_that_gives_nan_is_never_saved(tmp_path):
     saver.check_start('resumed from ckpt-2', str(tmp_path / 'checkpoints' / 'ckpt-2'))
 
 
+def test_nan_weights_are_never_saved(tmp_path):
+  model = _model()
+  saver = _checkpointer(tmp_path, model)
+  model.trainable_variables[0].assign(np.full(model.trainable_variables[0].shape, np.nan))
+  with pytest.raises(model_vetting.PoisonedWeightsError, match='holds NaN or Inf'):
+    saver.save(1, 0)
+  assert not checkpoint_files.checkpoint_prefixes(str(tmp_path / 'checkpoints'))
+
+
 def test_skipping_stops_after_a_bounded_number_of_steps_in_a_row(model):
   """The guard reads the model's count of non-finite steps (train_step adds 1 for each)."""
-  guard = callbacks.NonFiniteGuard('skip', max_skips=3, last_good=lambda: '/w/ckpt-8')
+  guard = model_vetting.NonFiniteGuard('skip', max_skips=3, last_good=lambda: '/w/ckpt-8')
   guard.set_model(model)
   guard.on_train_begin()
   for skipped in (1, 1, 0, 1, 1):   # a finite step resets the count
@@ -225,7 +259,7 @@ def test_skipping_stops_after_a_bounded_number_of_steps_in_a_row(model):
     guard.on_train_batch_end(0, {'loss': np.nan})
   assert guard.skipped == 4 and guard.consecutive == 2
   model.nonfinite_tracker.update_state(1.)
-  with pytest.raises(callbacks.NonFiniteLossError,
+  with pytest.raises(model_vetting.NonFiniteLossError,
                      match=r'3 steps in a row .* --max_nonfinite_skips=3 .*the last good '
                            r'checkpoint is /w/ckpt-8; rerunning resumes from it'):
     guard.on_train_batch_end(0, {})

@@ -22,6 +22,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import tfflows
+from tfflows import optimizers
 from tfflows import random
 from tfflows.data import imagenet_npz
 from tfflows.data import pipeline
@@ -144,20 +146,60 @@ def test_tfds_shards_by_file_when_the_files_divide_evenly_else_by_even_ranges(tm
 
 
 # ---------------------------------------------------------------------------- XLA per replica
+XLA_CONFIG = dict(model='glow', image_shape=(8, 8, 1), num_levels=1, steps_per_level=1, width=4)
+
+
+def _train_two_steps(strategy, images, global_batch):
+  """The tiny Glow trained two Adamax steps (clipping at 0.05) over images[global_batch:] with
+  jit_compile=True: (variables, history, traces of the per-replica XLA step)."""
+  keras.utils.set_random_seed(1)
+  with strategy.scope():
+    model = tfflows.build_model(tfflows.FlowConfig(**XLA_CONFIG))
+    model.compile(optimizers.FusedAdamax(1e-3), max_grad_norm=0.05, jit_compile=True)
+    model.optimizer.build(model.trainable_variables)
+    # ActNorm's data-dependent initialisation on one global batch, in cross-replica context.
+    model(tf.cast(images[:global_batch], tf.float32), training=True)
+  batches = tf.data.Dataset.from_tensor_slices(images[global_batch:]).batch(global_batch)
+  history = model.fit(batches, epochs=1, verbose=0, shuffle=False).history
+  compiled = model.__dict__.get('_replica_step_compiled')
+  traces = compiled.experimental_get_tracing_count() if compiled is not None else 0
+  return [v.numpy() for v in model.variables], history, traces, model.replica_jit_compile
+
+
 def test_xla_per_replica_under_mirrored_matches_the_single_device_xla_step():
-  """tests/replica_xla_check.py: two Adamax steps (gradient clipping active) of a tiny Glow on
-  2 logical CPU devices, each replica's forward and backward one XLA program, against Keras'
-  whole-step XLA on one device over the same global batches."""
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'replica_xla_check.py')],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])
-  assert out['num_replicas'] == 2 and out['replica_traces'] == 2  # one XLA program a replica
-  assert out['max_difference'] < 1e-6, out  # weights of order 1; lr 1e-3
+  """Two Adamax steps (gradient clipping active, so the clip must use the norm of the global
+  gradient) of a tiny Glow on the 2 logical CPU devices (tests/conftest.py), each replica's
+  forward and backward one XLA program, against Keras' whole-step XLA on one device over the
+  same global batches: compile(jit_compile=True) picks which from the strategy."""
+  global_batch = 8
+  images = np.random.RandomState(0).randint(0, 256, (3 * global_batch, 8, 8, 1)).astype(np.uint8)
+  single, single_history, _, single_per_replica = _train_two_steps(
+      tf.distribute.get_strategy(), images, global_batch)
+  mirrored = distributed.make_strategy('mirrored')   # the process's one MirroredStrategy
+  replicas, mirrored_history, traces, per_replica = _train_two_steps(mirrored, images,
+                                                                     global_batch)
+  assert (single_per_replica, per_replica) == (False, True)
+  assert mirrored.num_replicas_in_sync == 2 and traces == 2  # one XLA program a replica
+  difference = max(float(np.max(np.abs(a.astype(np.float64) - b), initial=0.))
+                   for a, b in zip(single, replicas))
+  assert difference < 1e-6, difference  # weights of order 1; lr 1e-3
   for key in ('bpd', 'loss', 'grad_norm'):
-    np.testing.assert_allclose(out['mirrored'][key], out['single'][key], rtol=1e-5)
-  assert out['single']['grad_norm'] > 0.05  # the clip (max_grad_norm 0.05) was active
+    np.testing.assert_allclose(mirrored_history[key][-1], single_history[key][-1], rtol=1e-5)
+  assert single_history['grad_norm'][-1] > 0.05  # the clip (max_grad_norm 0.05) was active
+
+
+def test_multiworker_strategy_constructs_from_tf_config():
+  """A one-worker cluster: MultiWorkerMirroredStrategy reads TF_CONFIG (collective ops must be
+  configured at program start, hence a fresh process)."""
+  tf_config = json.dumps({'cluster': {'worker': ['localhost:0']},
+                          'task': {'type': 'worker', 'index': 0}})
+  code = ('from train import distributed; s = distributed.make_strategy("multiworker"); '
+          'print(type(s).__name__, s.num_replicas_in_sync, distributed.is_chief(s))')
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=tf_config)
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'CollectiveAllReduceStrategy 1 (True, 0)' in result.stdout  # its class name in TF 2
 
 
 # ------------------------------------------------------------------ 2 workers on 127.0.0.1

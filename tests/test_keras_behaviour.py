@@ -13,9 +13,9 @@ from tfflows import data
 TINY_GLOW = dict(model='glow', image_shape=(8, 8, 1), num_levels=2, steps_per_level=3, width=8)
 
 
-def _tiny_glow():
+def _tiny_glow(**compile_settings):
   model = tfflows.build_model(tfflows.FlowConfig(**TINY_GLOW))
-  model.compile(keras.optimizers.Adamax(1e-3))
+  model.compile(keras.optimizers.Adamax(1e-3), **compile_settings)
   return model
 
 
@@ -221,17 +221,41 @@ def test_keras_file_round_trip(family, tmp_path):
 
 
 def test_keras_file_keeps_the_optimizer_state_and_training_goes_on(tmp_path):
+  """The optimizer state and compile's training settings come back; training goes on."""
   images = _digits(16)
-  model = _tiny_glow()
+  model = _tiny_glow(max_grad_norm=50., scale_l2=1e-4)
   model.fit(images, batch_size=8, epochs=1, verbose=0)
   model.save(str(tmp_path / 'm.keras'))
   loaded = keras.models.load_model(str(tmp_path / 'm.keras'))
+  assert (loaded.max_grad_norm, loaded.scale_l2) == (50., 1e-4)
   assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
   assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
   for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
     np.testing.assert_array_equal(restored.numpy(), saved.numpy())
   loaded.fit(images, batch_size=8, epochs=1, verbose=0)
   assert int(loaded.optimizer.iterations) == 4
+
+
+def test_keras_file_with_the_training_settings_in_the_model_config_loads(tmp_path):
+  """Files written when max_grad_norm and scale_l2 were get_config's (not compile's) load
+  with them."""
+  import json  # pylint: disable=import-outside-toplevel
+  import zipfile  # pylint: disable=import-outside-toplevel
+  model = _tiny_glow()
+  model.optimizer.build(model.trainable_variables)
+  model.save(str(tmp_path / 'm.keras'))
+  with zipfile.ZipFile(tmp_path / 'm.keras') as saved:
+    files = {name: saved.read(name) for name in saved.namelist()}
+  config = json.loads(files['config.json'])
+  for name in ('max_grad_norm', 'scale_l2'):
+    del config['compile_config'][name]
+  config['config'].update(max_grad_norm=100., scale_l2=5e-5)
+  files['config.json'] = json.dumps(config).encode()
+  with zipfile.ZipFile(tmp_path / 'old.keras', 'w') as old:
+    for name, content in files.items():
+      old.writestr(name, content)
+  loaded = keras.models.load_model(str(tmp_path / 'old.keras'))
+  assert (loaded.max_grad_norm, loaded.scale_l2) == (100., 5e-5)
 
 
 def test_lcma_permutations_travel_inside_the_keras_file(tmp_path):

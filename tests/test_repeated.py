@@ -347,11 +347,11 @@ def test_a_mixed_policy_names_the_network_precision(policy, expected):
 def test_runtime_fields_do_not_block_resuming(tmp_path):
   """A workdir trained without remat and with another precision resumes with --remat=step and
   --conditioner_precision=auto; an architecture field still has to match."""
-  from train import run  # pylint: disable=import-outside-toplevel
+  from train import checkpoints  # pylint: disable=import-outside-toplevel
   config = tfflows.FlowConfig(**FAMILIES['denseflow'])
   atomic.write_json(str(tmp_path / 'config.json'),
                     config.replace(conditioner_precision='bfloat16').to_dict())
-  run._check_workdir_config(str(tmp_path), config.replace(remat='step',  # pylint: disable=protected-access
-                                                          conditioner_precision='auto'))
+  checkpoints.check_config(str(tmp_path), config.replace(remat='step',
+                                                         conditioner_precision='auto'))
   with pytest.raises(Exception, match='step_loop'):
-    run._check_workdir_config(str(tmp_path), config.replace(step_loop=False))  # pylint: disable=protected-access
+    checkpoints.check_config(str(tmp_path), config.replace(step_loop=False))

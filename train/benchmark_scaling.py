@@ -58,10 +58,8 @@ def _measure(configuration):
   keras.utils.set_random_seed(FLAGS.seed)
   with strategy.scope():
     model = tfflows.build_model(config)
-    per_replica_xla = configuration != 'one'
-    model.replica_jit_compile = bool(FLAGS.jit_compile and per_replica_xla)
     model.compile(trainer.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate),
-                  jit_compile=bool(FLAGS.jit_compile and not per_replica_xla))
+                  jit_compile=bool(FLAGS.jit_compile))
     model.optimizer.build(model.trainable_variables)
   rng = np.random.RandomState(FLAGS.seed)
   batch = FLAGS.batch_size // replicas
@@ -69,7 +67,7 @@ def _measure(configuration):
       lambda context: tf.constant(rng.randint(0, 256, (batch,) + tuple(config.image_shape)),
                                   tf.uint8))
   images = images if replicas > 1 else strategy.experimental_local_results(images)[0]
-  jit_whole = bool(FLAGS.jit_compile and not per_replica_xla)
+  jit_whole = bool(FLAGS.jit_compile and not model.replica_jit_compile)
 
   @tf.function(jit_compile=jit_whole)
   def step(x):

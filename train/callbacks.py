@@ -1,8 +1,6 @@
-"""Keras callbacks of the training program: NaN guard, checkpoints, TensorBoard summaries,
-batch-norm refresh before each test evaluation, and the training progress display.
-
-Order matters: the guard runs first on every batch, so a non-finite step stops training before
-the checkpoint callback can save it.
+"""Keras callbacks of the training program: checkpoints, TensorBoard summaries, batch-norm
+refresh before each test evaluation, and the training progress display (the NaN guard is
+``train.model_vetting.NonFiniteGuard``, with the rest of the non-finite policy).
 """
 
 import time
@@ -17,10 +15,6 @@ from tfflows.models.flow_model import NonFiniteError
 from train import progress as progress_lib
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN or Inf loss or gradient norm."""
-
-
 def _value(logs, key, default=float('nan')):
   value = (logs or {}).get(key)
   return default if value is None else float(np.asarray(value))
@@ -28,65 +22,6 @@ def _value(logs, key, default=float('nan')):
 
 def _step(model):
   return int(model.optimizer.iterations.numpy())
-
-
-class NonFiniteGuard(keras.callbacks.Callback):
-  """Watches ``FlowModel.nonfinite_steps``, the count of training steps whose loss or gradient
-  norm was NaN or Inf (such a step applied no gradient; the epoch's reported means take the
-  NaN, as Keras' do). policy 'stop' raises NonFiniteLossError; 'skip' logs a warning and counts the
-  skipped steps, and raises NonFiniteLossError once ``max_skips`` steps in a row were skipped
-  (a model that gives NaN on every batch never recovers by skipping). last_good: a callable
-  giving the last good checkpoint, for the message.
-
-  The count is read once per batch, as the progress display reads the logs, so it adds no
-  synchronisation beyond the one per batch the callbacks already make."""
-
-  def __init__(self, policy='stop', max_skips=10, last_good=None):
-    super().__init__()
-    if policy not in ('stop', 'skip'):
-      raise ValueError(f'policy must be stop or skip, got {policy!r}')
-    if int(max_skips) < 1:
-      raise ValueError(f'max_skips must be >= 1, got {max_skips}')
-    self.policy = policy
-    self.max_skips = int(max_skips)
-    self.last_good = last_good
-    self.skipped = 0        # all skipped steps of this run
-    self.consecutive = 0    # skipped steps since the last finite one
-    self._seen = 0          # the model's count at the last batch (on_train_begin reads it)
-
-  def on_train_begin(self, logs=None):
-    self._seen = self.model.nonfinite_steps
-
-  def on_train_batch_end(self, batch, logs=None):
-    count = self.model.nonfinite_steps
-    # Any increase is this batch's step (under a strategy each replica may add its 1).
-    nonfinite, self._seen = count != self._seen, count
-    if not nonfinite:
-      self.consecutive = 0
-      return
-    step = _step(self.model)
-    message = (f'non-finite loss or gradient norm at step {step}; the update was not applied')
-    advice = 'Try a longer --warmup_steps, a lower --learning_rate, or --max_grad_norm.'
-    if self.policy == 'stop':
-      self.model.stop_training = True
-      raise NonFiniteLossError(f'{message}. Training stopped; {self._last_good()}. {advice} '
-                               '(--on_nonfinite=skip skips such steps instead.)')
-    self.skipped += 1
-    self.consecutive += 1
-    if self.consecutive >= self.max_skips:
-      self.model.stop_training = True
-      raise NonFiniteLossError(
-          f'{self.consecutive} steps in a row (steps {step - self.consecutive + 1} to {step}) '
-          f'had a non-finite loss or gradient and were skipped (--on_nonfinite=skip, at most '
-          f'--max_nonfinite_skips={self.max_skips} in a row): training stopped; '
-          f'{self._last_good()}. {advice}')
-    logging.warning('%s (skipped %d so far, %d in a row; stopping at %d in a row).', message,
-                    self.skipped, self.consecutive, self.max_skips)
-
-  def _last_good(self):
-    last = self.last_good() if self.last_good else None
-    return (f'the last good checkpoint is {last}; rerunning resumes from it' if last else
-            'there is no checkpoint, so rerunning starts afresh')
 
 
 class CheckpointCallback(keras.callbacks.Callback):

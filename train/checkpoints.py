@@ -1,13 +1,22 @@
-"""The Checkpointer: what a run writes to its workdir's checkpoint directories, in which order,
-and how a start repairs what a kill interrupted.
+"""The workdir: what a run writes there, in which order, how a start checks it, and how a
+start repairs what a kill interrupted.
 
+    WORKDIR/config.json                                            the model (written once)
+    WORKDIR/flags.txt                                              the last training flags
     WORKDIR/checkpoints/ckpt-<step>.{index,data-*}, checkpoint     periodic, newest N
     WORKDIR/best/ckpt-<step>.*, checkpoint, best.json              best test bits/dim so far
+    WORKDIR/samples, export, tensorboard                           what the modes write
 
 The names and commit records are those of ``train.checkpoint_files``; what a checkpoint holds
 is ``train.checkpoint_contents``; ``train.model_vetting`` says whether a model is fit to be
-saved; ``train.disk_space`` checks the room for one. What is committed, and what is never lost:
+saved; ``train.disk_space`` checks the room for one. The Checkpointer keeps these rules:
 
+- A start checks before it writes anything: ``check_config`` (config.json, if there, must be
+  readable and describe the model of the flags; the fields of
+  ``tfflows.config.RUNTIME_FIELDS`` may differ), a usable state file (``committed``), room
+  for one checkpoint, and a model that gives finite log-likelihoods (``check_start``).
+- Then ``write_config`` writes config.json (once: it is the model of the workdir) and
+  flags.txt (every training invocation: a flagfile that reproduces it), each atomically.
 - The state file ``checkpoints/checkpoint`` is the commit record of the periodic checkpoints:
   TensorFlow writes a checkpoint's data and index first, and the CheckpointManager then
   rewrites the state file by write-to-temp-and-rename, so a process killed mid-save leaves the
@@ -37,16 +46,99 @@ import tempfile
 
 import numpy as np
 import tensorflow as tf
+from absl import app
 from absl import logging
 
+import tfflows
 from tfflows import atomic
 from train import checkpoint_contents
 from train import checkpoint_files as files
 from train import disk_space
+from train import flags as train_flags
 from train.checkpoint_contents import MODEL_VARIABLES
 from train.checkpoint_files import CheckpointError
-from train.model_vetting import PoisonedWeightsError, model_problem
+from train import model_vetting
+from train.model_vetting import PoisonedWeightsError
 
+CONFIG_JSON = 'config.json'
+FLAGS_TXT = 'flags.txt'
+# Subdirectories the modes write to: each that exists must be writable too.
+WORKDIR_SUBDIRS = (files.CHECKPOINTS, files.BEST, 'samples', 'export', 'tensorboard')
+
+
+# ------------------------------------------------------------------- config.json, flags.txt
+def check_config(workdir, config):
+  """The model flags (FlowConfig ``config``) must describe the model already in the workdir,
+  if any; app.UsageError naming the flags that differ, or the unreadable config.json."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  if not os.path.exists(path):
+    return
+  stored = _read_config(path)
+  if stored is None:
+    raise app.UsageError(
+        f'{path} cannot be read as the JSON of a model config: it holds the model of this '
+        'workdir. Restore it, or delete it to have this run write it anew from the model flags '
+        '(a resumed run still checks them against the checkpoint).')
+  differ = _config_differences(stored, config)
+  if differ:
+    raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
+                         f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '
+                         'with, or a new --workdir.')
+
+
+def write_config(workdir, config, flag_values):
+  """Writes config.json (the model) once and flags.txt (this invocation's program flags, a
+  flagfile that reproduces the run), each atomically: a failing run never leaves a truncated
+  one."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  if not os.path.exists(path):
+    atomic.write_json(path, config.to_dict())
+  path = os.path.join(workdir, FLAGS_TXT)
+  atomic.write_text(path, train_flags.flagfile_text(flag_values, header=(
+      'The flags of the last training invocation of this run; to rerun it (resume):\n'
+      f'  python -m train.main --flagfile={path}')))
+
+
+def config_difference_note(init_from, config):
+  """' (... config.json: --width=16 there)' when the run ``init_from`` names (a workdir,
+  WORKDIR/best or a checkpoint prefix) has a config.json whose model differs from ``config``;
+  '' otherwise."""
+  path = os.path.abspath(init_from)
+  for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    stored = _read_config(os.path.join(directory, CONFIG_JSON))
+    if stored is not None:
+      differ = _config_differences(stored, config, where='there')
+      return (f' ({os.path.join(directory, CONFIG_JSON)} differs from the model flags: '
+              f'{"; ".join(differ)})' if differ else '')
+  return ''
+
+
+def _read_config(path):
+  """The dict of a config.json, None if it is missing or not a JSON object."""
+  stored = files.read_json(path)
+  return stored if isinstance(stored, dict) else None
+
+
+def _config_differences(stored, config, where='workdir'):
+  """The model flags that differ from a stored config; the fields that change how the model
+  computes, not its weights (tfflows.config.RUNTIME_FIELDS: remat, conditioner_precision), may
+  differ."""
+  current = config.to_dict()
+  return [f'--{train_flags.model_flag_name(k)}={_show(current[k])} ({where}: {_show(v)})'
+          for k, v in sorted(stored.items())
+          if k in current and k not in tfflows.config.RUNTIME_FIELDS
+          and _norm(v) != _norm(current[k])]
+
+
+def _norm(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _show(value):
+  return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+# ------------------------------------------------------------------------------ checkpoints
 
 class Checkpointer:
   """Saves and restores the training state of a workdir (see the module docstring).
@@ -174,19 +266,16 @@ class Checkpointer:
   def check_model(self, what):
     """Raises PoisonedWeightsError naming the last good checkpoint unless the model is fit to
     be saved; ``what`` names the moment ('after step 9')."""
-    problem = model_problem(self.model, self.probe_images)
+    problem = model_vetting.model_problem(self.model, self.probe_images)
     if problem:
-      last = self.last_good
-      where = (f'the last good checkpoint is {last}; rerunning resumes from it' if last else
-               'there is no earlier checkpoint, so rerunning starts afresh')
-      raise PoisonedWeightsError(
-          f'{what}, {problem}: no checkpoint is written; {where}. Try a longer --warmup_steps, '
-          'a lower --learning_rate, or --max_grad_norm.')
+      raise PoisonedWeightsError(f'{what}, {problem}: no checkpoint is written; '
+                                 f'{model_vetting.resume_note(self.last_good)}. '
+                                 f'{model_vetting.ADVICE}')
 
   def check_start(self, how, restored=None):
     """Raises PoisonedWeightsError unless the model training starts from is good: a checkpoint
     written before checkpoints were checked this way may hold a model that gives NaN."""
-    problem = model_problem(self.model, self.probe_images)
+    problem = model_vetting.model_problem(self.model, self.probe_images)
     if not problem:
       return
     if restored:

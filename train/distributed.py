@@ -50,7 +50,21 @@ class WorkerLostError(RuntimeError):
 def make_strategy(name, worker_timeout_seconds=10):
   """tf.distribute strategy: default (one device), mirrored (local GPUs, else every logical
   CPU device), multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG; a worker
-  without a heartbeat for worker_timeout_seconds is declared lost)."""
+  without a heartbeat for worker_timeout_seconds is declared lost).
+
+  Made once per process and then reused (the first call's timeout stays):
+  MultiWorkerMirroredStrategy configures the process's collectives, and two MirroredStrategy
+  objects over the same devices number their collective ops alike, so the second one's
+  all-reduces would be taken for the first one's."""
+  if name not in _STRATEGIES:
+    _STRATEGIES[name] = _new_strategy(name, worker_timeout_seconds)
+  return _STRATEGIES[name]
+
+
+_STRATEGIES = {}
+
+
+def _new_strategy(name, worker_timeout_seconds):
   if name == 'default':
     return tf.distribute.get_strategy()
   if name == 'mirrored':

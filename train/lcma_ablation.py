@@ -47,9 +47,8 @@ def _batches(images, batch_size, seed):
 
 def _train(model, images, steps, args):
   """Adam 1e-3, L2 5e-5 on weight-norm scales, clipping at 100 (the paper's settings)."""
-  model.max_grad_norm = 100.
-  model.scale_l2 = 5e-5
-  model.compile(keras.optimizers.Adam(args.learning_rate), jit_compile=args.jit_compile)
+  model.compile(keras.optimizers.Adam(args.learning_rate), max_grad_norm=100., scale_l2=5e-5,
+                jit_compile=args.jit_compile)
   started = time.perf_counter()
   history = model.fit(_batches(images, args.batch_size, args.seed), epochs=1,
                       steps_per_epoch=steps, verbose=0)

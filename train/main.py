@@ -29,7 +29,6 @@ from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import logging  # noqa: E402  pylint: disable=wrong-import-position
 
 from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
-from train import callbacks  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoint_files  # noqa: E402  pylint: disable=wrong-import-position
 from train import distributed  # noqa: E402  pylint: disable=wrong-import-position
 from train import flags as train_flags  # noqa: E402  pylint: disable=wrong-import-position
@@ -42,17 +41,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Errors that end the program with their message and exit status 1, without a traceback:
 # bad flags, unusable files and checkpoints, failed writes, non-finite training or results
 # (FloatingPointError: the model's NonFiniteError, and atomic.write_json's refusal of NaN).
-STOPPING_ERRORS = (app.UsageError, UserError, callbacks.NonFiniteLossError,
+STOPPING_ERRORS = (app.UsageError, UserError, model_vetting.NonFiniteLossError,
                    model_vetting.PoisonedWeightsError, checkpoint_files.CheckpointError,
                    atomic.WriteError, FloatingPointError)
 
 
 def configure_devices(num_cpu_devices):
-  """Splits the CPU into logical devices (before TensorFlow initialises its devices)."""
+  """Splits the CPU into logical devices (before TensorFlow initialises its devices; a no-op
+  where the CPU is split so already, as when ``main`` runs in a process that did it)."""
   if num_cpu_devices > 1:
     cpu = tf.config.list_physical_devices('CPU')[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+    split = [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices
+    if tf.config.get_logical_device_configuration(cpu) != split:
+      tf.config.set_logical_device_configuration(cpu, split)
 
 
 def quiet_library_info():

@@ -4,12 +4,11 @@
 flag (or pair of flags) at fault; modes take a Run and use its helpers for datasets and for the
 model restored from a checkpoint. Start-up checks cost no compute and write nothing: the
 directories the modes write to (--workdir, --export_dir) must be writable directories (a test
-file is written and deleted), WORKDIR/config.json must be readable and describe the model of
-the flags, and a WORKDIR/checkpoints with checkpoints must have a usable state file.
+file is written and deleted), and the workdir must pass ``train.checkpoints``' start checks
+(config.json describes the model of the flags; a usable checkpoint state file).
 """
 
 import dataclasses
-import json
 import math
 import os
 import tempfile
@@ -20,15 +19,12 @@ from absl import app
 from absl import logging
 
 import tfflows
-from tfflows import atomic
 from tfflows.data import pipeline
 from train import checkpoint_contents
 from train import checkpoint_files
+from train import checkpoints
 from train import distributed
 from train import flags as train_flags
-
-CONFIG_JSON = 'config.json'
-FLAGS_TXT = 'flags.txt'
 
 
 def say(message, *args):
@@ -49,7 +45,6 @@ class Run:
   jit_compile: bool
   temperatures: list
   _models: dict = dataclasses.field(default_factory=dict)
-  _strategy: object = None
 
   # ------------------------------------------------------------------------------ creation
   @classmethod
@@ -66,10 +61,10 @@ class Run:
     config = _flow_config(f)
     workdir = os.path.abspath(f.workdir)
     temperatures = _temperatures(f)
-    check_writable_dir(workdir, 'workdir', WORKDIR_SUBDIRS)
+    check_writable_dir(workdir, 'workdir', checkpoints.WORKDIR_SUBDIRS)
     if 'export' in modes and f.export_dir:
       check_writable_dir(f.export_dir, 'export_dir')
-    _check_workdir_config(workdir, config)
+    checkpoints.check_config(workdir, config)
     # A WORKDIR/checkpoints that holds checkpoints must have a usable state file.
     checkpoint_files.committed(os.path.join(workdir, checkpoint_files.CHECKPOINTS))
     run = cls(flags=f, config=config, workdir=workdir, modes=modes,
@@ -148,12 +143,9 @@ class Run:
   # ------------------------------------------------------------------------- distribution
   @property
   def strategy(self):
-    """The tf.distribute strategy of --strategy, made once per process (MultiWorkerMirrored-
-    Strategy configures the collectives of the process and cannot be made twice)."""
-    if self._strategy is None:
-      self._strategy = distributed.make_strategy(self.flags.strategy,
-                                                 self.flags.worker_timeout_seconds)
-    return self._strategy
+    """The tf.distribute strategy of --strategy (made once per process:
+    ``distributed.make_strategy``)."""
+    return distributed.make_strategy(self.flags.strategy, self.flags.worker_timeout_seconds)
 
   @property
   def is_chief(self):
@@ -200,28 +192,6 @@ class Run:
     except ValueError as error:
       raise UserError(f'model flags: {_one_line(error)}') from None
 
-  def write_workdir_config(self):
-    """Writes config.json (the model) once and flags.txt (this invocation's program flags, a
-    flagfile that reproduces the run), each atomically: a failing run never leaves a truncated
-    one."""
-    if not os.path.exists(self.path(CONFIG_JSON)):
-      atomic.write_json(self.path(CONFIG_JSON), self.config.to_dict())
-    atomic.write_text(self.path(FLAGS_TXT), train_flags.flagfile_text(self.flags, header=(
-        'The flags of the last training invocation of this run; to rerun it (resume):\n'
-        f'  python -m train.main --flagfile={self.path(FLAGS_TXT)}')))
-
-  def init_from_config_difference(self):
-    """' (... config.json: --width=16 there)' when the run --init_from names has a config.json
-    whose model differs from the flags' model; '' otherwise."""
-    path = os.path.abspath(self.flags.init_from)
-    for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-      stored = _read_config(os.path.join(directory, CONFIG_JSON))
-      if stored is not None:
-        differ = _config_differences(stored, self.config, where='there')
-        return (f' ({os.path.join(directory, CONFIG_JSON)} differs from the model flags: '
-                f'{"; ".join(differ)})' if differ else '')
-    return ''
-
 
 # ------------------------------------------------------------------------------- checks
 def _flow_config(f):
@@ -238,50 +208,6 @@ def _flow_config(f):
     return tfflows.FlowConfig(**values)
   except ValueError as error:
     raise app.UsageError(f'model flags: {error}') from None
-
-
-def _check_workdir_config(workdir, config):
-  """The model flags must describe the model already in the workdir, if any."""
-  path = os.path.join(workdir, CONFIG_JSON)
-  if not os.path.exists(path):
-    return
-  stored = _read_config(path)
-  if stored is None:
-    raise app.UsageError(
-        f'{path} cannot be read as the JSON of a model config: it holds the model of this '
-        'workdir. Restore it, or delete it to have this run write it anew from the model flags '
-        '(a resumed run still checks them against the checkpoint).')
-  differ = _config_differences(stored, config)
-  if differ:
-    raise app.UsageError(f'the model flags differ from the model trained in {workdir} '
-                         f'({CONFIG_JSON}): {"; ".join(differ)}. Use the flags it was trained '
-                         'with, or a new --workdir.')
-
-
-def _read_config(path):
-  """The dict of a config.json, None if it is missing or not a JSON object."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      stored = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return stored if isinstance(stored, dict) else None
-
-
-def _config_differences(stored, config, where='workdir'):
-  """The model flags that differ from a stored config; the fields that change how the model
-  computes, not its weights (tfflows.config.RUNTIME_FIELDS: remat, conditioner_precision), may
-  differ."""
-  current = config.to_dict()
-  return [f'--{train_flags.model_flag_name(k)}={_show(current[k])} ({where}: {_show(v)})'
-          for k, v in sorted(stored.items())
-          if k in current and k not in tfflows.config.RUNTIME_FIELDS
-          and _norm(v) != _norm(current[k])]
-
-
-# Subdirectories the modes write to: each that exists must be writable too.
-WORKDIR_SUBDIRS = (checkpoint_files.CHECKPOINTS, checkpoint_files.BEST, 'samples', 'export',
-                   'tensorboard')
 
 
 def check_writable_dir(path, flag, subdirs=()):
@@ -321,14 +247,6 @@ def _temperatures(f):
 
 def _one_line(error):
   return ' '.join(str(error).split())
-
-
-def _norm(value):
-  return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def _show(value):
-  return ','.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _check_combinations(f):

@@ -12,7 +12,8 @@ nothing behind):
      workers the chief's state is then copied to every worker (train/distributed.py);
   3. check that this model gives a finite log-likelihood of the probe images (test images, the
      same ones every checkpoint is checked on);
-  4. write config.json and flags.txt (atomically);
+  4. write config.json and flags.txt (atomically; train/checkpoints.py has the workdir's
+     rules);
   5. fit from the restored step t0: epoch e0 = t0 // S resumes at its step t0 % S (a first
      fit of the remaining S - t0 % S steps), then whole epochs up to --epochs.
 The schedule and the checkpoints key on the optimizer's iteration count, so a resumed run is at
@@ -35,12 +36,9 @@ from train import checkpoint_contents
 from train import checkpoint_files
 from train import checkpoints
 from train import distributed
+from train import model_vetting
 from train import schedule as lr_schedule
 from train.run import UserError, say
-
-
-make_strategy = distributed.make_strategy  # the names other modules and tests use
-is_chief = distributed.is_chief
 
 
 def make_optimizer(name, learning_rate):
@@ -52,12 +50,12 @@ def make_optimizer(name, learning_rate):
       learning_rate=learning_rate)
 
 
-def build_training_model(run, schedule, per_replica_xla=False):
+def build_training_model(run, schedule):
   """The compiled FlowModel with a built optimizer (call under the strategy's scope).
 
   With jit_compile on, one device has Keras compile the whole step with XLA; under a
-  strategy (per_replica_xla) each replica's forward and backward pass is one XLA program and
-  the all-reduce and the optimizer update run outside it (tfflows.models.replica_step)."""
+  strategy each replica's forward and backward pass is one XLA program and the all-reduce and
+  the optimizer update run outside it (``FlowModel.compile``, tfflows.models.replica_step)."""
   f = run.flags
   # --mixed_precision is Keras' 'mixed_float16' policy, set while the model is built: build_model
   # creates the networks under it and everything else in float32, the model that
@@ -68,11 +66,9 @@ def build_training_model(run, schedule, per_replica_xla=False):
                     'drop one of them.')
   with precision.dtype_policy_scope('mixed_float16' if f.mixed_precision else None):
     model = run.build_model()
-  model.max_grad_norm = f.max_grad_norm
-  model.scale_l2 = f.scale_l2
-  model.replica_jit_compile = bool(run.jit_compile and per_replica_xla)
   optimizer = make_optimizer(f.optimizer, schedule)
-  model.compile(optimizer, jit_compile=bool(run.jit_compile and not per_replica_xla))
+  model.compile(optimizer, max_grad_norm=f.max_grad_norm, scale_l2=f.scale_l2,
+                jit_compile=bool(run.jit_compile))
   optimizer.build(model.trainable_variables)
   _warn_of_xla_loops_on_cpu(model, run.jit_compile)
   return model
@@ -114,8 +110,8 @@ def initialise(run, model, checkpointer, first_batch):
     try:
       checkpoint_contents.restore_model(model, prefix)
     except checkpoint_files.CheckpointError as error:
-      raise UserError(f'--init_from={run.flags.init_from}: {error}'
-                      f'{run.init_from_config_difference()}') from None
+      note = checkpoints.config_difference_note(run.flags.init_from, run.config)
+      raise UserError(f'--init_from={run.flags.init_from}: {error}{note}') from None
     return f'fine-tuning from the weights of {prefix} (fresh optimizer)', None
   # ActNorm's data-dependent initialisation, in cross-replica context on one global batch, so
   # every replica starts from the same statistics (across workers: the chief's, broadcast).
@@ -156,16 +152,22 @@ def run_train(run):
   workers = distributed.num_workers(strategy)
   if workers > 1:
     distributed.log_cluster(strategy)
-  train_ds = run.train_dataset(seed=f.seed)  # fails early (nothing written) if data is missing
+  # The training split in global batches at the run's seed, made first so that missing data
+  # stops the run before anything is built or written: ActNorm's first batch of a fresh run
+  # (one global batch in cross-replica context, so every replica starts from the same
+  # statistics) and the batches BatchNormRefresh reads (global batches, cross-replica, each
+  # refresh from the start of the stream: it must not take batches from the training input).
+  # The training input itself (below) is per replica and starts at seed + the start step.
+  global_batches = run.train_dataset(seed=f.seed)
   steps_per_epoch = run.steps_per_epoch
   schedule = lr_schedule.WarmupExponentialDecay(f.learning_rate, f.warmup_steps, f.lr_decay,
                                                 steps_per_epoch)
 
   def first_batch():
-    return next(iter(train_ds))
+    return next(iter(global_batches))
 
   with strategy.scope():
-    model = build_training_model(run, schedule, per_replica_xla=f.strategy != 'default')
+    model = build_training_model(run, schedule)
     if f.mixed_precision:
       check_mixed_precision(model, first_batch())
     checkpointer = checkpoints.Checkpointer(run.workdir, model, model.optimizer,
@@ -177,7 +179,7 @@ def run_train(run):
       synchronise_workers(strategy, model, checkpointer)
     checkpointer.check_start(how, restored)
     if chief:
-      run.write_workdir_config()
+      checkpoints.write_config(run.workdir, run.config, f)
     start = int(model.optimizer.iterations.numpy())
     total = f.epochs * steps_per_epoch
     logging.info('%s; step %d of %d (%d epochs of %d steps), %d replica(s), jit_compile=%s%s',
@@ -190,19 +192,20 @@ def run_train(run):
     # the checkpointer's message (naming the last good checkpoint) before anything samples it.
     # TrainingProgress replaces Keras' progress bar; BatchNormRefresh recomputes batch-norm
     # statistics before each per-epoch test evaluation (--bn_refresh_batches).
-    callback_list = [train_callbacks.NonFiniteGuard(f.on_nonfinite, f.max_nonfinite_skips,
-                                                    last_good=lambda: checkpointer.last_good),
+    callback_list = [model_vetting.NonFiniteGuard(f.on_nonfinite, f.max_nonfinite_skips,
+                                                  last_good=lambda: checkpointer.last_good),
                      train_callbacks.TrainingProgress(f.epochs, total, f.batch_size, schedule,
                                                       f.scale_l2 > 0, f.verbose),
-                     train_callbacks.BatchNormRefresh(run.train_dataset(seed=f.seed + 1),
-                                                      f.bn_refresh_batches, seed=f.seed),
+                     train_callbacks.BatchNormRefresh(global_batches, f.bn_refresh_batches,
+                                                      seed=f.seed),
                      train_callbacks.CheckpointCallback(checkpointer, f.checkpoint_every_steps,
                                                         steps_per_epoch),
                      summaries]
     if start < total:
       # A resumed deterministic run reads a different (but seeded) order than an uninterrupted
-      # one: the data seed moves with the start step rather than replaying consumed batches.
-      # Replica r of R reads shard r of the split (train/distributed.py).
+      # one: the data seed moves with the start step rather than replaying consumed batches
+      # (a fresh run on one replica reads the stream of global_batches, whose first batch
+      # initialised ActNorm). Replica r of R reads shard r of the split (train/distributed.py).
       train_ds = distributed.per_replica_dataset(
           strategy, f.batch_size,
           lambda batch, shards, index: run.train_dataset(seed=f.seed + start, batch_size=batch,

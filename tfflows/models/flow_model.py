@@ -45,6 +45,10 @@ tfd = tfp.distributions
 tfb = tfp.bijectors
 
 
+# compile's settings of the objective and update (saved by get_compile_config).
+TRAINING_SETTINGS = ('max_grad_norm', 'scale_l2')
+
+
 class NonFiniteError(FloatingPointError):
   """The model produced NaN or Inf values where an image or a number was asked for."""
 
@@ -75,8 +79,7 @@ class FlowModel(keras.Model):
   # module): ``from_config`` rebuilds a saved model's architecture with it.
   builder = None
 
-  def __init__(self, config, flow, priors, dequantizer, iw_chunk_size=16, max_grad_norm=0.,
-               scale_l2=0., **kwargs):
+  def __init__(self, config, flow, priors, dequantizer, iw_chunk_size=16, **kwargs):
     super().__init__(name=config.model, **kwargs)
     self.config = config
     self.flow = flow
@@ -85,11 +88,9 @@ class FlowModel(keras.Model):
     self.flow_layers = flow.layers
     self.seed_generator = keras.random.SeedGenerator(0)
     self.iw_chunk_size = iw_chunk_size
-    self.max_grad_norm = max_grad_norm  # global-norm gradient clipping in train_step (0: off)
-    self.scale_l2 = scale_l2  # L2 on weight-norm scales g (RealNVP / LCMA: 5e-5; 0: off)
-    # Under a tf.distribute strategy: XLA-compile each replica's forward and backward
-    # (tfflows.models.replica_step). Keras' own jit_compile must then be off (it would compile
-    # the whole multi-replica step, which XLA cannot).
+    # The training settings, which ``compile`` sets (see there): off until then.
+    self.max_grad_norm = 0.
+    self.scale_l2 = 0.
     self.replica_jit_compile = False
     self.image_shape = tuple(config.image_shape)
     self.num_dims = int(np.prod(self.image_shape))
@@ -108,11 +109,10 @@ class FlowModel(keras.Model):
 
   # -- Keras saving -----------------------------------------------------------------------------
   def get_config(self):
-    """What ``model.save('m.keras')`` stores to rebuild the model: the ``FlowConfig`` fields,
-    the training settings, and, for LCMA (``config.lcma_masks``), the masks file's bytes, so
-    the permutations travel inside the .keras file."""
-    config = {'flow_config': self.config.to_dict(), 'iw_chunk_size': self.iw_chunk_size,
-              'max_grad_norm': self.max_grad_norm, 'scale_l2': self.scale_l2}
+    """What ``model.save('m.keras')`` stores to rebuild the model: the ``FlowConfig`` fields
+    and, for LCMA (``config.lcma_masks``), the masks file's bytes, so the permutations travel
+    inside the .keras file. The training settings are ``compile``'s (``get_compile_config``)."""
+    config = {'flow_config': self.config.to_dict(), 'iw_chunk_size': self.iw_chunk_size}
     if self.config.lcma_masks:
       config['lcma_masks_npz'] = split_permutations.encode_masks_file(self.config.lcma_masks)
     return config
@@ -127,8 +127,11 @@ class FlowModel(keras.Model):
       flow_config = flow_config.replace(
           lcma_masks=split_permutations.stored_masks_path(config['lcma_masks_npz']))
     model = FlowModel.builder(flow_config)
-    for name in ('iw_chunk_size', 'max_grad_norm', 'scale_l2'):
-      setattr(model, name, config[name])
+    model.iw_chunk_size = config['iw_chunk_size']
+    # Files written before the training settings moved to ``compile`` hold them here:
+    # ``compile_from_config`` takes them unless the compile config has its own.
+    model.__dict__['_saved_training_settings'] = {
+        k: config[k] for k in TRAINING_SETTINGS if k in config}
     return model
 
   def export(self, filepath, format='tf_saved_model', **kwargs):  # pylint: disable=redefined-builtin
@@ -401,8 +404,16 @@ class FlowModel(keras.Model):
     return attach_layer_variables(distribution, list(self.priors) + self.flow.layers)
 
   # -- Keras training -------------------------------------------------------------------------
-  def compile(self, optimizer, **kwargs):
-    """Keras ``compile``; the model has its own objective, so ``loss`` is not an argument.
+  def compile(self, optimizer, max_grad_norm=0., scale_l2=0., jit_compile='auto', **kwargs):
+    """Keras ``compile`` with the training settings of the model's own objective (``loss`` is
+    not an argument); ``.keras`` files keep all three (``get_compile_config``).
+
+    max_grad_norm: clip the gradients to this global norm in ``train_step`` (0: off; LCMA: 100).
+    scale_l2: L2 penalty on the weight-norm scales g, added to the loss (RealNVP / LCMA: 5e-5).
+    jit_compile: as Keras'. True on a model built under a tf.distribute strategy's scope
+      compiles each replica's forward and backward pass as one XLA program
+      (``replica_step``) and keeps Keras' whole-step XLA off, which cannot compile a step with
+      its all-reduce; 'auto' follows Keras (no XLA under a strategy or on a CPU).
 
     Reported metrics (epoch means, as every Keras metric): ``loss``, what the
     optimiser minimises (bits/dim plus the regularisation; in ``evaluate``, and ``val_loss``
@@ -412,18 +423,33 @@ class FlowModel(keras.Model):
     if kwargs.get('loss') is not None:
       raise ValueError('FlowModel.compile takes no loss: the model minimises its negative '
                        'log-likelihood in bits/dim (plus its regularisation).')
-    super().compile(optimizer=optimizer, **kwargs)
+    self.max_grad_norm = float(max_grad_norm)
+    self.scale_l2 = float(scale_l2)
+    self.replica_jit_compile = (jit_compile != 'auto' and bool(jit_compile)
+                                and self._distribute_strategy is not None)
+    self.__dict__['_jit_compile_asked'] = jit_compile   # saved as asked, decided per strategy
+    super().compile(optimizer=optimizer, jit_compile=jit_compile and not self.replica_jit_compile,
+                    **kwargs)
     self.loss_tracker = keras.metrics.Mean(name='loss')
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
     # Steps whose loss or gradient was NaN or Inf (no update applied): not a reported metric;
-    # train/callbacks.NonFiniteGuard reads it after each batch.
+    # train/model_vetting.NonFiniteGuard reads it after each batch.
     self.nonfinite_tracker = keras.metrics.Sum(name='nonfinite_steps')
+
+  def get_compile_config(self):
+    """Keras' compile config plus the training settings (``compile``'s arguments)."""
+    config = super().get_compile_config()
+    if config:
+      config.update(max_grad_norm=self.max_grad_norm, scale_l2=self.scale_l2,
+                    jit_compile=self.__dict__.get('_jit_compile_asked', 'auto'))
+    return config
 
   def compile_from_config(self, config):
     """Recompiles a loaded model as it was compiled (``keras.models.load_model``), with its
     optimizer built so that the saved optimizer state loads into it."""
-    self.compile(**keras.saving.deserialize_keras_object(config))
+    settings = self.__dict__.pop('_saved_training_settings', {})
+    self.compile(**{**settings, **keras.saving.deserialize_keras_object(config)})
     self.optimizer.build(self.trainable_variables)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -453,9 +479,9 @@ class FlowModel(keras.Model):
   def train_step(self, data):
     """One optimizer step. Under a tf.distribute strategy Keras runs it in each replica's
     context; ``replica_step`` has the forward and backward per replica (XLA-compiled per
-    replica when ``replica_jit_compile``), one all-reduce of the mean gradient, and the update
-    on the reduced gradients: the single-device step on the global batch (see there for what
-    stays per replica)."""
+    replica when ``compile`` asked for XLA under a strategy), one all-reduce of the mean
+    gradient, and the update on the reduced gradients: the single-device step on the global
+    batch (see there for what stays per replica)."""
     bpd, loss, grads = replica_step.loss_and_gradients(self, _images_of(data))
     bpd, loss, *grads = replica_step.mean_over_replicas([bpd, loss, *grads])
     grad_norm = tf.linalg.global_norm(grads)

@@ -4,7 +4,8 @@
 ``strategy.run``) as
 
     1. forward and backward on the replica's b images     ``loss_and_gradients``
-       (one XLA program per replica when ``model.replica_jit_compile``);
+       (one XLA program per replica when ``model.replica_jit_compile``, which
+       ``FlowModel.compile(..., jit_compile=True)`` under a strategy sets);
     2. one all-reduce: the mean over the R replicas of the gradients, bits/dim and loss
                                                            ``mean_over_replicas``;
     3. clipping by the global norm and the NaN guard on the reduced gradients, then the
@@ -53,7 +54,7 @@ def loss_and_gradients(model, images):
   ``model.loss_and_gradients``; XLA-compiled per replica when ``model.replica_jit_compile``
   (one program per (replica, image shape); the replica's variables are its own copies)."""
   replica, replicas = replica_position()
-  if not getattr(model, 'replica_jit_compile', False):
+  if not model.replica_jit_compile:
     with random.replica_rows(replica, replicas):
       return model.loss_and_gradients(images)
   compiled = model.__dict__.get('_replica_step_compiled')
