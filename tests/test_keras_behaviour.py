@@ -236,6 +236,19 @@ def test_keras_file_keeps_the_optimizer_state_and_training_goes_on(tmp_path):
   assert int(loaded.optimizer.iterations) == 4
 
 
+def test_compile_jit_compile_is_keras_own():
+  """jit_compile as Keras has it: 'auto' (the default) is Keras' choice (no XLA on a machine
+  without an accelerator), True and False are kept; a model compiled without settings has none
+  (no clipping, no L2 on scales)."""
+  model = _tiny_glow()
+  expected = bool(tf.config.list_physical_devices('GPU'))
+  assert model.jit_compile is expected
+  assert (model.max_grad_norm, model.scale_l2, model.replica_jit_compile) == (0., 0., False)
+  for asked in (True, False):
+    model.compile(keras.optimizers.Adamax(1e-3), jit_compile=asked)
+    assert model.jit_compile is asked and not model.replica_jit_compile
+
+
 def test_keras_file_with_the_training_settings_in_the_model_config_loads(tmp_path):
   """Files written when max_grad_norm and scale_l2 were get_config's (not compile's) load
   with them."""

@@ -428,8 +428,9 @@ class FlowModel(keras.Model):
     self.replica_jit_compile = (jit_compile != 'auto' and bool(jit_compile)
                                 and self._distribute_strategy is not None)
     self.__dict__['_jit_compile_asked'] = jit_compile   # saved as asked, decided per strategy
-    super().compile(optimizer=optimizer, jit_compile=jit_compile and not self.replica_jit_compile,
-                    **kwargs)
+    # Keras resolves 'auto' itself (no XLA on a CPU-only machine or under a strategy).
+    super().compile(optimizer=optimizer,
+                    jit_compile=False if self.replica_jit_compile else jit_compile, **kwargs)
     self.loss_tracker = keras.metrics.Mean(name='loss')
     self.bpd_tracker = keras.metrics.Mean(name='bpd')
     self.grad_norm_tracker = keras.metrics.Mean(name='grad_norm')
