@@ -91,17 +91,16 @@ def _unrolled_layout_message(prefix, model, stored):
   """A sentence explaining the refusal when checkpoint ``prefix`` (``stored`` model variables)
   holds this loop-layout model in the unrolled layout (``bijectors.repeated``: one set of
   variables per step); '' when it does not."""
-  layout = repeated.unrolled_variable_layout(model)
+  layout = unrolled_variable_layout(model)
   if (stored == len(model.variables) or stored != len(layout)
       or all(k is None for _, k in layout)):
     return ''
   return (f'checkpoint {prefix} holds this model with unrolled flow steps ({stored} variables, '
-          'one set per step, as written before repeated steps ran as loops, or with '
-          f'--nostep_loop), but the model built from the flags keeps each group of repeated '
-          f'steps as stacked weights ({len(model.variables)} variables). Convert it with '
+          'one set per step, as written before repeated steps ran as loops), but the model built '
+          'from the flags keeps each group of repeated steps as stacked weights '
+          f'({len(model.variables)} variables). Convert it with '
           '`python -m train.convert_checkpoint --flagfile=... --source=CHECKPOINT '
-          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout), or build the model '
-          'with --nostep_loop.')
+          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout).')
 
 
 def restore_model(model, prefix):
@@ -121,3 +120,30 @@ def restore_model(model, prefix):
     raise CheckpointError(f'checkpoint {prefix} does not hold this model (were the model flags '
                           f'different when it was written?): {str(error)[:500]}') from None
   return prefix
+
+
+def unrolled_variable_layout(model):
+  """Maps the variables of a model (its repeated steps stacked, ``bijectors.repeated``) onto
+  the layout of the same model with unrolled steps, each step its own variables: the layout of
+  the checkpoints written before repeated steps ran as loops.
+
+  model: a Keras model or layer. Returns one entry per variable of the unrolled model, in the
+  order of its ``variables``: (variable, None) for a variable both layouts share, (stacked
+  weight, k) for the k-th slice of a stacked weight. (Each layer's variables are contiguous in
+  ``model.variables``, and a stacked weight's slice k belongs to step k, whose layers hold the
+  template's variables in the template's order.)
+  """
+  owner = {}
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, repeated.StackedWeights):
+      for w in layer.variables:
+        owner[id(w)] = layer
+  layout, done = [], set()
+  for v in model.variables:
+    layer = owner.get(id(v))
+    if layer is None:
+      layout.append((v, None))
+    elif id(layer) not in done:
+      done.add(id(layer))
+      layout.extend((w, k) for k in range(layer.num_steps) for w in layer.ordered)
+  return layout

@@ -80,7 +80,7 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
 def assign_unrolled_values(model, values):
   """Assigns values listed in the unrolled layout's order (one array per variable) to the
   variables of ``model`` (loop layout). Raises ValueError naming the first mismatch."""
-  layout = repeated.unrolled_variable_layout(model)
+  layout = checkpoint_contents.unrolled_variable_layout(model)
   values = list(values)
   if len(values) != len(layout):
     raise ValueError(f'{len(values)} values for an unrolled layout of {len(layout)} variables.')
@@ -122,7 +122,7 @@ def copy_unrolled_optimizer(source, target, model):
   if len(src_slots) != len(dst_slots):
     raise ValueError(f'optimizers differ: {len(src_slots)} vs {len(dst_slots)} slot lists.')
   position = {id(v): i for i, v in enumerate(dst_vars)}
-  trainable = [(v, k) for v, k in repeated.unrolled_variable_layout(model) if v.trainable]
+  trainable = [(v, k) for v, k in checkpoint_contents.unrolled_variable_layout(model) if v.trainable]
   if len(trainable) != len(src_vars):
     raise ValueError(f'{len(src_vars)} optimised variables for {len(trainable)} trainable '
                      'variables of the unrolled layout.')
