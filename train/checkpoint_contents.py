@@ -58,6 +58,27 @@ def check_model_variables(prefix, model):
   model's variables: as many, each of the same shape (a checkpoint of another architecture
   would otherwise restore partly, or fail deep inside TensorFlow). The message names the
   first variable that differs."""
+  shapes = stored_shapes(prefix)
+  variables = model.variables
+  if len(shapes) != len(variables):
+    layout = _unrolled_layout_message(prefix, model, len(shapes))
+    if layout:
+      raise CheckpointError(layout)
+    raise CheckpointError(
+        f'checkpoint {prefix} holds {len(shapes)} model variables, the model built from the '
+        f'flags has {len(variables)}: a different architecture (were the model flags different '
+        'when it was written?).')
+  for i, (v, stored_shape) in enumerate(zip(variables, shapes)):
+    if stored_shape is not None and list(stored_shape) != list(v.shape):
+      raise CheckpointError(
+          f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
+          f'the model built from the flags has shape {list(v.shape)}: a different architecture '
+          '(were the model flags different when it was written?).')
+
+
+def stored_shapes(prefix):
+  """The shape of each model variable checkpoint ``prefix`` holds, in order (None where the
+  checkpoint has the object but no value); CheckpointError if its files cannot be read."""
   reader = _reader(prefix)
   try:
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -68,23 +89,8 @@ def check_model_variables(prefix, model):
   node = next((graph.nodes[c.node_id] for c in root.children if c.local_name == MODEL_VARIABLES),
               None)
   stored = len(node.children) if node is not None else 0
-  variables = model.variables
-  if stored != len(variables):
-    layout = _unrolled_layout_message(prefix, model, stored)
-    if layout:
-      raise CheckpointError(layout)
-    raise CheckpointError(
-        f'checkpoint {prefix} holds {stored} model variables, the model built from the flags '
-        f'has {len(variables)}: a different architecture (were the model flags different when '
-        'it was written?).')
   shapes = reader.get_variable_to_shape_map()
-  for i, v in enumerate(variables):
-    stored_shape = shapes.get(f'{MODEL_VARIABLES}/{i}/.ATTRIBUTES/VARIABLE_VALUE')
-    if stored_shape is not None and list(stored_shape) != list(v.shape):
-      raise CheckpointError(
-          f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
-          f'the model built from the flags has shape {list(v.shape)}: a different architecture '
-          '(were the model flags different when it was written?).')
+  return [shapes.get(f'{MODEL_VARIABLES}/{i}/.ATTRIBUTES/VARIABLE_VALUE') for i in range(stored)]
 
 
 def _unrolled_layout_message(prefix, model, stored):
