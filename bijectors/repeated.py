@@ -41,9 +41,15 @@ those of the recomputation.
 
 This loop is the only way the steps run, for every K >= 1 (one step is a loop of one
 iteration): the numbers are those of K separately built steps run one after the other with the
-values of the slices (tests/test_repeated.py builds that reference). Checkpoints written
-before the loops existed hold one set of variables per step; ``train/convert_checkpoint.py``
-converts them (``train.checkpoint_contents.unrolled_variable_layout`` maps the two layouts).
+values of the slices (tests/test_repeated.py builds that reference). For K = 1 or 2 the loop's
+machinery (an accumulator for every intermediate the gradient needs, the TensorArrays of the
+weights and their gradients) costs more graph ops and tracing time than the steps traced in
+turn would (the quick start's DenseFlow, units of 2 steps: about 30% more graph ops); the
+deep configurations (groups of 3 to 32 steps) are what the loop is for.
+
+Checkpoints written before the loops existed hold one set of variables per step; the program
+``train/convert_checkpoint.py`` converts them, along the map between the two layouts that
+``train.checkpoint_contents.unrolled_variable_layout`` gives.
 """
 
 import keras
