@@ -318,7 +318,9 @@ class _StepLoop:
 
     result = tf.while_loop(lambda i, *_: i < num, body, (tf.constant(0), *flat, *outs),
                            maximum_iterations=num)
-    return result[1:1 + len(flat)], [out.stack() for out in result[1 + len(flat):]]
+    outs = result[1 + len(flat):]   # stacked only where a step changed the variable
+    return result[1:1 + len(flat)], [out.stack() if j in self.updated else None
+                                     for j, out in zip(self.carried, outs)]
 
   def _order(self, i):
     """The step the i-th iteration runs."""
