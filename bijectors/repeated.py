@@ -44,8 +44,9 @@ iteration): the numbers are those of K separately built steps run one after the 
 values of the slices (tests/test_repeated.py builds that reference). For K = 1 or 2 the loop's
 machinery (an accumulator for every intermediate the gradient needs, the TensorArrays of the
 weights and their gradients) costs more graph ops and tracing time than the steps traced in
-turn would (the quick start's DenseFlow, units of 2 steps: about 30% more graph ops); the
-deep configurations (groups of 3 to 32 steps) are what the loop is for.
+turn would (measured on the quick start's DenseFlow, units of 2 steps: 26% more graph ops,
+about 10% more CPU time a training step, mostly the accumulators' per-op overhead); the deep
+configurations (groups of 3 to 32 steps) are what the loop is for.
 
 Checkpoints written before the loops existed hold one set of variables per step; the program
 ``train/convert_checkpoint.py`` converts them, along the map between the two layouts that
