@@ -45,7 +45,7 @@ values of the slices (tests/test_repeated.py builds that reference). For K = 1 o
 machinery (an accumulator for every intermediate the gradient needs, the TensorArrays of the
 weights and their gradients) costs more graph ops and tracing time than the steps traced in
 turn would (measured on the quick start's DenseFlow, units of 2 steps: 26% more graph ops,
-about 10% more CPU time a training step, mostly the accumulators' per-op overhead); the deep
+about 10% more CPU time a training step, within a noisy machine's spread); the deep
 configurations (groups of 3 to 32 steps) are what the loop is for.
 
 Checkpoints written before the loops existed hold one set of variables per step; the program
