@@ -37,15 +37,20 @@ weights' gradients. The backward pass holds one step's activations plus the K st
 the graph holds the step twice (forward; recomputation with its gradient) instead of the
 forward step, its gradient and an accumulator for every intermediate the gradient needs. The
 gradients are the same; Keras' ``training`` mode and the dropout seeds of the forward pass are
-those of the recomputation. (Below ``min_loop_steps`` each step gets the same treatment.)
+those of the recomputation.
 
-With fewer than ``min_loop_steps`` (3) steps, the stacked steps are traced one after the other
-(a while loop's accumulators and TensorArrays cost about as many graph ops as a second step):
-the same weights, layout and numbers, without the loop.
+This loop is the only way the steps run, for every K >= 1 (one step is a loop of one
+iteration): the numbers are those of K separately built steps run one after the other with the
+values of the slices (tests/test_repeated.py builds that reference). For K = 1 or 2 the loop's
+machinery (an accumulator for every intermediate the gradient needs, the TensorArrays of the
+weights and their gradients) costs more graph ops and tracing time than the steps traced in
+turn would (measured on the quick start's DenseFlow, units of 2 steps: 26% more graph ops,
+about 10% more CPU time a training step, within a noisy machine's spread); the deep
+configurations (groups of 3 to 32 steps) are what the loop is for.
 
-``loop=False`` builds the K steps as separate bijectors run in order (a ``Chain``): the unrolled
-reference, whose variables are, in order, those of the checkpoints written before loops existed.
-``unrolled_variable_layout`` maps that layout onto the stacked one.
+Checkpoints written before the loops existed hold one set of variables per step; the program
+``train/convert_checkpoint.py`` converts them, along the map between the two layouts that
+``train.checkpoint_contents.unrolled_variable_layout`` gives.
 """
 
 import keras
@@ -54,11 +59,6 @@ import tensorflow as tf
 
 from bijectors import base
 from bijectors import keras_compat
-
-# Below this many steps the stacked steps are traced one after the other rather than looped:
-# a while loop's machinery (accumulators of the intermediates the gradient needs, TensorArrays)
-# adds about as many graph ops as a second copy of the step, so two steps gain nothing.
-MIN_LOOP_STEPS = 3
 
 
 class _Hidden:
@@ -155,29 +155,24 @@ def _in_data_initialization():
 
 # -- the bijector ---------------------------------------------------------------------------------
 class Repeated(base.FlowBijector):
-  """K steps ``make_step(0) .. make_step(K-1)`` as one loop (or, loop=False, unrolled).
+  """K steps ``make_step(0) .. make_step(K-1)`` as one loop over stacked weights.
 
   make_step(k): builds step k, a shape-preserving ``FlowBijector`` (name its layers after k);
-    every step must have the same variables (shapes and dtypes); in loop mode the steps
-    differ only by their parameters and ``step_kwargs``.
+    every step must have the same variables (shapes and dtypes), and the steps differ only by
+    their parameters and ``step_kwargs``.
   num_steps: K >= 1.
   event_shape: (H, W, C) of the steps' input, used to build layers that build on first call
     (one inverse pass on zeros, which leaves ActNorm uninitialised).
-  step_kwargs: {keyword: K values}: step k gets keyword=values[k] (loop mode only; unrolled
-    steps are built with their own values by make_step).
-  remat: recompute each step's activations in the backward pass (loop mode).
-  min_loop_steps: with fewer steps than this, the stacked steps are traced one after the other
-    instead of as a ``tf.while_loop`` (same weights and numbers; see the module doc).
+  step_kwargs: {keyword: K values}: step k gets keyword=values[k].
+  remat: recompute each step's activations in the backward pass (see the module doc).
   """
 
-  def __init__(self, make_step, num_steps, event_shape=None, loop=True, remat=False,
-               step_kwargs=None, min_loop_steps=MIN_LOOP_STEPS, name='repeated'):
+  def __init__(self, make_step, num_steps, event_shape=None, remat=False, step_kwargs=None,
+               name='repeated'):
     num_steps = int(num_steps)
-    self.min_loop_steps = int(min_loop_steps)
     if num_steps < 1:
       raise ValueError(f'{name}: num_steps must be >= 1, got {num_steps}.')
     self.num_steps = num_steps
-    self.loop = bool(loop)
     self.remat = bool(remat)
     self.event_shape = None if event_shape is None else tuple(int(d) for d in event_shape)
     self.step_kwargs = {k: np.asarray(v) for k, v in (step_kwargs or {}).items()}
@@ -185,16 +180,8 @@ class Repeated(base.FlowBijector):
       if values.shape[:1] != (num_steps,):
         raise ValueError(f'{name}: step_kwargs[{key!r}] needs {num_steps} values (one a step), '
                          f'got shape {values.shape}.')
-    if not self.loop:
-      self.steps = [make_step(k) for k in range(num_steps)]
-      layers = [l for s in self.steps for l in s.layers]
-      self._template = _Hidden(self.steps[0])
-      self.stacked = None
-    else:
-      self.steps = None
-      self.stacked = self._build_stacked(make_step, name)
-      layers = [self.stacked]
-    super().__init__(name=name, layers=layers)
+    self.stacked = self._build_stacked(make_step, name)
+    super().__init__(name=name, layers=[self.stacked])
 
   # -- construction -------------------------------------------------------------------------
   def _build_stacked(self, make_step, name):
@@ -232,7 +219,7 @@ class Repeated(base.FlowBijector):
 
   @property
   def template_variables(self):
-    return list(self._template_variables.value) if self.loop else step_variables(self.template)
+    return list(self._template_variables.value)
 
   # -- forward / inverse --------------------------------------------------------------------
   def _forward_and_log_det(self, x, **condition):
@@ -243,14 +230,6 @@ class Repeated(base.FlowBijector):
 
   @tf.autograph.experimental.do_not_convert   # Python builds the loop; autograph must not
   def _run(self, x, condition, inverse):
-    if not self.loop:
-      total = 0.
-      for step in (reversed(self.steps) if inverse else self.steps):
-        fn = step.inverse_and_log_det if inverse else step.forward_and_log_det
-        x, ldj = fn(x, **condition)
-        total = total + ldj
-      return x, total
-
     def one_step(step, carry, kwargs):
       h, total = carry
       fn = step.inverse_and_log_det if inverse else step.forward_and_log_det
@@ -258,24 +237,19 @@ class Repeated(base.FlowBijector):
       return h, total + ldj
 
     zero = tf.zeros(tf.shape(x)[:-base.EVENT_NDIMS], x.dtype)
-    return self.scan(one_step, (x, zero), reverse=inverse, remat=self.remat)
+    return self.scan(one_step, (x, zero), reverse=inverse)
 
   @tf.autograph.experimental.do_not_convert
-  def scan(self, fn, carry, reverse=False, remat=False):
+  def scan(self, fn, carry, reverse=False):
     """Runs carry = fn(step_k, carry, kwargs_k) for k = 0 .. K-1 (K-1 .. 0 with reverse) and
     returns the final carry: the loop of the forward and inverse passes, for any per-step
     computation (the LCMA analysis carries a per-dimension log-det map through it).
 
-    fn(step, carry, kwargs): step is step k (loop mode: the template with theta_k), kwargs the
-    k-th ``step_kwargs``; carry a structure of tensors whose shapes fn keeps.
+    fn(step, carry, kwargs): step is the template with theta_k, kwargs the k-th
+    ``step_kwargs``; carry a structure of tensors whose shapes fn keeps. With ``remat`` the
+    loop recomputes each step in the backward pass.
     """
-    if not self.loop:
-      order = range(self.num_steps)
-      for k in (reversed(order) if reverse else order):
-        kwargs = {key: values[k] for key, values in self.step_kwargs.items()}
-        carry = fn(self.steps[k], carry, kwargs)
-      return carry
-    return _StepLoop(self, fn, reverse, remat).run(carry)
+    return _StepLoop(self, fn, reverse).run(carry)
 
   # -- shapes (steps keep the shape) ---------------------------------------------------------
   def _forward_event_shape(self, s):
@@ -292,15 +266,15 @@ class Repeated(base.FlowBijector):
 
 
 class _StepLoop:
-  """One ``tf.while_loop`` over the steps of a loop-mode ``Repeated`` (see the module doc)."""
+  """One ``tf.while_loop`` over the steps of a ``Repeated`` (see the module doc)."""
 
-  def __init__(self, repeated, fn, reverse, remat):
+  def __init__(self, repeated, fn, reverse):
     self.r = repeated
     self.fn = fn
     self.reverse = reverse
     self.training = keras_compat.current_training()
     self.initializing = _in_data_initialization()
-    self.remat = remat and not self.initializing
+    self.remat = repeated.remat and not self.initializing
     self.variables = repeated.template_variables
     self.weights = repeated.stacked.ordered
     # Written back after the loop: the state a step may update (all variables while ActNorm
@@ -312,14 +286,20 @@ class _StepLoop:
 
   @tf.autograph.experimental.do_not_convert
   def run(self, carry):
-    num = self.r.num_steps
     values = [tf.convert_to_tensor(w) for w in self.weights]
     data = {key: tf.constant(v) for key, v in self.r.step_kwargs.items()}
     flat = tf.nest.flatten(carry)
-    if num < self.r.min_loop_steps:
-      return self._unrolled(carry, flat, values, data)
-    if self.remat:
-      return self._remat_loop(carry, flat, values, data)
+    loop = self._remat_loop if self.remat else self._loop
+    h, updates = loop(carry, flat, values, data)
+    for j, update in zip(self.carried, updates):
+      if j in self.updated:   # the state the steps changed, written back once for all K
+        self.weights[j].assign(update)
+    return tf.nest.pack_sequence_as(carry, list(h))
+
+  def _loop(self, carry, flat, values, data):
+    """The loop, differentiated by TensorFlow; returns (final flat carry, the stacked new
+    values of the carried variables)."""
+    num = self.r.num_steps
     # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
     # [K, ...] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
     # written to slot k of the gradient's TensorArray.
@@ -329,21 +309,19 @@ class _StepLoop:
             for j in self.carried]
 
     def body(i, *state):
-      k = num - 1 - i if self.reverse else i
+      k = self._order(i)
       h, outs = list(state[:len(flat)]), list(state[len(flat):])
       theta = [a.read(k) for a in arrays]
       kwargs = {key: tf.gather(v, k) for key, v in data.items()}
-      h, new = self._step(h, theta, kwargs, structure=carry)
+      h, new = self._apply(h, theta, kwargs, structure=carry)
       outs = [o.write(k, tf.cast(n, o.dtype)) for o, n in zip(outs, new)]
       return (i + 1, *h, *outs)
 
     result = tf.while_loop(lambda i, *_: i < num, body, (tf.constant(0), *flat, *outs),
                            maximum_iterations=num)
-    h, outs = result[1:1 + len(flat)], result[1 + len(flat):]
-    for j, out in zip(self.carried, outs):
-      if j in self.updated:
-        self.weights[j].assign(out.stack())
-    return tf.nest.pack_sequence_as(carry, list(h))
+    outs = result[1 + len(flat):]   # stacked only where a step changed the variable
+    return result[1:1 + len(flat)], [out.stack() if j in self.updated else None
+                                     for j, out in zip(self.carried, outs)]
 
   def _order(self, i):
     """The step the i-th iteration runs."""
@@ -420,27 +398,7 @@ class _StepLoop:
       return (*h, *updates), grad
 
     result = loop(*flat, *[values[j] for j in self.trainable])
-    for j, update in zip(self.carried, result[n:]):
-      if j in self.updated:
-        self.weights[j].assign(update)
-    return tf.nest.pack_sequence_as(carry, list(result[:n]))
-
-  def _unrolled(self, carry, flat, values, data):
-    """The K steps traced one after the other on the slices of the stacked weights (for K
-    below ``min_loop_steps``, where a loop's machinery costs as much as the steps it saves)."""
-    num = self.r.num_steps
-    slices = [tf.unstack(v, num=num) for v in values]   # one gradient op for all K slices
-    order = range(num)
-    updates = {j: [None] * num for j in self.carried}
-    for k in (reversed(order) if self.reverse else order):
-      flat, new = self._step(flat, [s[k] for s in slices],
-                             {key: v[k] for key, v in data.items()}, structure=carry)
-      for j, value in zip(self.carried, new):
-        updates[j][k] = tf.cast(value, values[j].dtype)
-    for j in self.carried:
-      if j in self.updated:
-        self.weights[j].assign(tf.stack(updates[j]))
-    return tf.nest.pack_sequence_as(carry, list(flat))
+    return result[:n], result[n:]
 
   # -- one step -----------------------------------------------------------------------------
   def _apply(self, h, theta, kwargs, structure):
@@ -457,36 +415,6 @@ class _StepLoop:
           self.updated.add(j)
         new.append(value)
     return tf.nest.flatten(out), new
-
-  def _step(self, h, theta, kwargs, structure):
-    if not self.remat:
-      return self._apply(h, theta, kwargs, structure)
-    n_h = len(h)
-    fixed = {j: theta[j] for j in range(len(theta)) if j not in self.trainable}
-
-    def full(t):
-      values = dict(fixed)
-      values.update(zip(self.trainable, t))
-      return [values[j] for j in range(len(theta))]
-
-    @tf.custom_gradient
-    def remat_step(*args):
-      h_in, t = list(args[:n_h]), list(args[n_h:])
-      out, new = self._apply(h_in, full(t), kwargs, structure)
-
-      def grad(*upstream):
-        upstream = [tf.zeros_like(o) if u is None else u
-                    for o, u in zip(out, upstream[:len(out)])]
-        with tf.GradientTape() as tape:
-          tape.watch(h_in + t)
-          again, _ = self._apply(h_in, full(t), kwargs, structure)
-        return tape.gradient(again, h_in + t, output_gradients=upstream,
-                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-      return (*out, *[tf.stop_gradient(v) for v in new]), grad
-
-    result = remat_step(*h, *[theta[j] for j in self.trainable])
-    return list(result[:n_h]), list(result[n_h:])
 
 
 def _np_dtype(v):
@@ -524,34 +452,7 @@ def find_repeated(bijector):
 
 
 def has_while_loops(model):
-  """Whether any group of stacked steps of ``model`` (a Keras model or layer) runs as a
-  ``tf.while_loop`` (K >= the minimum loop length; shorter groups are traced step by step)."""
+  """Whether ``model`` (a Keras model or layer) holds repeated steps, which run as a
+  ``tf.while_loop``."""
   layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-  return any(isinstance(layer, StackedWeights) and layer.num_steps >= MIN_LOOP_STEPS
-             for layer in layers)
-
-
-def unrolled_variable_layout(model):
-  """Maps the variables of a model with loop-mode steps onto the layout of the same model with
-  unrolled steps (``loop=False``: the layout of checkpoints written before loops existed).
-
-  model: a Keras model or layer. Returns one entry per variable of the unrolled model, in the
-  order of its ``variables``: (variable, None) for a variable both layouts share, (stacked
-  weight, k) for the k-th slice of a stacked weight. (Each layer's variables are contiguous in
-  ``model.variables``, and a stacked weight's slice k belongs to step k, whose layers hold the
-  template's variables in the template's order.)
-  """
-  owner = {}
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
-    if isinstance(layer, StackedWeights):
-      for w in layer.variables:
-        owner[id(w)] = layer
-  layout, done = [], set()
-  for v in model.variables:
-    layer = owner.get(id(v))
-    if layer is None:
-      layout.append((v, None))
-    elif id(layer) not in done:
-      done.add(id(layer))
-      layout.extend((w, k) for k in range(layer.num_steps) for w in layer.ordered)
-  return layout
+  return any(isinstance(layer, StackedWeights) for layer in layers)

@@ -86,7 +86,7 @@ def _block(in_channels=2, growth=1, spatial=(2, 2)):
 
 def _repeated(num_steps, remat=False):
   """K Glow-like steps (ActNorm, 1x1 convolution, coupling) as one loop over stacked
-  weights (K >= 3: a while loop; K = 2: the stacked steps traced in turn)."""
+  weights (one tf.while_loop, whatever K)."""
   def make_step(k):
     return bijectors.Chain([_randomised(bijectors.ActNorm(2, name=f'actnorm_{k}')),
                             _randomised(bijectors.InvertibleConv1x1(2, name=f'conv1x1_{k}')),
@@ -178,6 +178,7 @@ CASES = {
     'multi_scale_flow': Case(multiscale.MultiScaleFlow, _multiscale, (4, 4, 1)),
     'repeated_loop': Case(repeated.Repeated, lambda: _repeated(3), (2, 2, 2), channels=2),
     'repeated_two_steps': Case(repeated.Repeated, lambda: _repeated(2), (2, 2, 2), channels=2),
+    'repeated_one_step': Case(repeated.Repeated, lambda: _repeated(1), (2, 2, 2), channels=2),
     'repeated_remat': Case(repeated.Repeated, lambda: _repeated(3, remat=True), (2, 2, 2),
                            channels=2),
 }

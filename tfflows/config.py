@@ -18,6 +18,10 @@ ATTENTION_FORMS = ('official', 'published')
 # Fields that change how a model computes but not its weights: a run may resume or be evaluated
 # with other values than it was trained with (train/run.py does not compare them).
 RUNTIME_FIELDS = ('remat', 'conditioner_precision')
+# Fields of earlier versions, accepted and ignored when a stored config is read: step_loop chose
+# between looped and unrolled repeated steps, which now always run as one loop (the numbers are
+# the same; a checkpoint of unrolled steps is refused on restore, naming its converter).
+RETIRED_FIELDS = ('step_loop',)
 
 
 @dataclasses.dataclass
@@ -66,7 +70,6 @@ class FlowConfig:
   coupling_blocks: int = 10         # MixLogCDF conditioner: gated conv + attention blocks
 
   # Repeated flow steps (bijectors.repeated).
-  step_loop: bool = True            # run repeated steps as one loop over stacked weights
   remat: str = 'none'               # none | step: recompute each step's activations in backprop
 
   def __post_init__(self):
@@ -89,9 +92,6 @@ class FlowConfig:
     _one_of('attention', self.attention, ATTENTION_FORMS)
     _one_of('remat', self.remat, REMAT)
     _one_of('conditioner_precision', self.conditioner_precision, PRECISIONS)
-    if self.remat != 'none' and not self.step_loop:
-      raise ValueError(f'remat={self.remat!r} recomputes the steps of a loop: it needs '
-                       'step_loop=True.')
     if self.split in ('lcma', 'lcma_reverse') and not self.lcma_masks:
       raise ValueError(f'split={self.split} needs lcma_masks: the file written by '
                        '--mode=lcma_analyze.')
@@ -121,6 +121,7 @@ class FlowConfig:
   @classmethod
   def from_dict(cls, values):
     known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f'Unknown config fields: {", ".join(unknown)}.')

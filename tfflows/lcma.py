@@ -90,7 +90,7 @@ def forward_and_elementwise_log_det(bijector, x, elementwise=None, **condition):
   """
   if elementwise is None:
     elementwise = tf.zeros_like(x)
-  if isinstance(bijector, repeated.Repeated):   # the steps in order, as a loop or unrolled
+  if isinstance(bijector, repeated.Repeated):   # the steps in order, as one loop
     def step(b, carry, kwargs):
       return forward_and_elementwise_log_det(b, *carry, **kwargs, **condition)
     return bijector.scan(step, (x, elementwise))

@@ -2,12 +2,10 @@ r"""Throughput and memory of a model built from a flagfile: training, evaluation
 
     python -m train.benchmark --flagfile=configs/denseflow_small.flags [--batch_size=B]
         [--steps=N] [--parts=train,eval,sample] [--nojit_compile] [--remat=step]
-        [--conditioner_precision=auto|float32|bfloat16] [--nostep_loop]
+        [--conditioner_precision=auto|float32|bfloat16]
 
-The model comes from the same flags as ``train.main`` (``train/flags.py``; ``--remat``,
-``--conditioner_precision`` and ``--step_loop`` are model flags: ``--nostep_loop`` measures the
-unrolled steps, the reference the loops are compared against); the images are
-random uint8 batches of the dataset's shape (no data is read), so only the computation is
+The model comes from the same flags as ``train.main`` (``train/flags.py``; ``--remat`` and
+``--conditioner_precision`` are model flags); the images are random uint8 batches of the dataset's shape (no data is read), so only the computation is
 measured. For each part, after ``--warmup`` untimed calls (the first one traces and compiles):
 
     train    images/s of the compiled training step: ``FlowModel.train_step`` (forward, backward,
@@ -261,7 +259,7 @@ def main(argv):
   load_after = os.getloadavg()
   print(f'model={config.model} image_shape={config.image_shape} batch_size={FLAGS.batch_size} '
         f'conditioner_precision={config.conditioner_precision} (networks compute in '
-        f'{info["network_precision"]}) step_loop={config.step_loop} remat={config.remat} '
+        f'{info["network_precision"]}) remat={config.remat} '
         f'jit_compile={FLAGS.jit_compile} steps={FLAGS.steps} warmup={FLAGS.warmup}')
   print(f'trainable parameters: {info["parameters"]:,}; build {info["build_s"]:.1f} s; '
         f'peak RSS after import tensorflow {RSS_AFTER_IMPORT_GB:.2f} GB, after build '

@@ -58,6 +58,27 @@ def check_model_variables(prefix, model):
   model's variables: as many, each of the same shape (a checkpoint of another architecture
   would otherwise restore partly, or fail deep inside TensorFlow). The message names the
   first variable that differs."""
+  shapes = stored_shapes(prefix)
+  variables = model.variables
+  if len(shapes) != len(variables):
+    layout = _unrolled_layout_message(prefix, model, len(shapes))
+    if layout:
+      raise CheckpointError(layout)
+    raise CheckpointError(
+        f'checkpoint {prefix} holds {len(shapes)} model variables, the model built from the '
+        f'flags has {len(variables)}: a different architecture (were the model flags different '
+        'when it was written?).')
+  for i, (v, stored_shape) in enumerate(zip(variables, shapes)):
+    if stored_shape is not None and list(stored_shape) != list(v.shape):
+      raise CheckpointError(
+          f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
+          f'the model built from the flags has shape {list(v.shape)}: a different architecture '
+          '(were the model flags different when it was written?).')
+
+
+def stored_shapes(prefix):
+  """The shape of each model variable checkpoint ``prefix`` holds, in order (None where the
+  checkpoint has the object but no value); CheckpointError if its files cannot be read."""
   reader = _reader(prefix)
   try:
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -68,40 +89,24 @@ def check_model_variables(prefix, model):
   node = next((graph.nodes[c.node_id] for c in root.children if c.local_name == MODEL_VARIABLES),
               None)
   stored = len(node.children) if node is not None else 0
-  variables = model.variables
-  if stored != len(variables):
-    layout = _unrolled_layout_message(prefix, model, stored)
-    if layout:
-      raise CheckpointError(layout)
-    raise CheckpointError(
-        f'checkpoint {prefix} holds {stored} model variables, the model built from the flags '
-        f'has {len(variables)}: a different architecture (were the model flags different when '
-        'it was written?).')
   shapes = reader.get_variable_to_shape_map()
-  for i, v in enumerate(variables):
-    stored_shape = shapes.get(f'{MODEL_VARIABLES}/{i}/.ATTRIBUTES/VARIABLE_VALUE')
-    if stored_shape is not None and list(stored_shape) != list(v.shape):
-      raise CheckpointError(
-          f'checkpoint {prefix} holds model variable {i} ({v.path}) with shape {stored_shape}, '
-          f'the model built from the flags has shape {list(v.shape)}: a different architecture '
-          '(were the model flags different when it was written?).')
+  return [shapes.get(f'{MODEL_VARIABLES}/{i}/.ATTRIBUTES/VARIABLE_VALUE') for i in range(stored)]
 
 
 def _unrolled_layout_message(prefix, model, stored):
   """A sentence explaining the refusal when checkpoint ``prefix`` (``stored`` model variables)
   holds this loop-layout model in the unrolled layout (``bijectors.repeated``: one set of
   variables per step); '' when it does not."""
-  layout = repeated.unrolled_variable_layout(model)
+  layout = unrolled_variable_layout(model)
   if (stored == len(model.variables) or stored != len(layout)
       or all(k is None for _, k in layout)):
     return ''
   return (f'checkpoint {prefix} holds this model with unrolled flow steps ({stored} variables, '
-          'one set per step, as written before repeated steps ran as loops, or with '
-          f'--nostep_loop), but the model built from the flags keeps each group of repeated '
-          f'steps as stacked weights ({len(model.variables)} variables). Convert it with '
+          'one set per step, as written before repeated steps ran as loops), but the model built '
+          'from the flags keeps each group of repeated steps as stacked weights '
+          f'({len(model.variables)} variables). Convert it with '
           '`python -m train.convert_checkpoint --flagfile=... --source=CHECKPOINT '
-          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout), or build the model '
-          'with --nostep_loop.')
+          '--workdir=NEW_WORKDIR` (the same numbers, in the stacked layout).')
 
 
 def restore_model(model, prefix):
@@ -121,3 +126,30 @@ def restore_model(model, prefix):
     raise CheckpointError(f'checkpoint {prefix} does not hold this model (were the model flags '
                           f'different when it was written?): {str(error)[:500]}') from None
   return prefix
+
+
+def unrolled_variable_layout(model):
+  """Maps the variables of a model (its repeated steps stacked, ``bijectors.repeated``) onto
+  the layout of the same model with unrolled steps, each step its own variables: the layout of
+  the checkpoints written before repeated steps ran as loops.
+
+  model: a Keras model or layer. Returns one entry per variable of the unrolled model, in the
+  order of its ``variables``: (variable, None) for a variable both layouts share, (stacked
+  weight, k) for the k-th slice of a stacked weight. (Each layer's variables are contiguous in
+  ``model.variables``, and a stacked weight's slice k belongs to step k, whose layers hold the
+  template's variables in the template's order.)
+  """
+  owner = {}
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, repeated.StackedWeights):
+      for w in layer.variables:
+        owner[id(w)] = layer
+  layout, done = [], set()
+  for v in model.variables:
+    layer = owner.get(id(v))
+    if layer is None:
+      layout.append((v, None))
+    elif id(layer) not in done:
+      done.add(id(layer))
+      layout.extend((w, k) for k in range(layer.num_steps) for w in layer.ordered)
+  return layout

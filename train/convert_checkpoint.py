@@ -3,23 +3,23 @@ r"""Converts a training checkpoint of unrolled flow steps into the stacked (loop
     python -m train.convert_checkpoint --flagfile=configs/cifar10.flags \
         --source=/data/runs/df_cifar10 --workdir=/data/runs/df_cifar10_loop
 
-Checkpoints written before repeated flow steps ran as loops (or with ``--nostep_loop``) hold one
-set of variables per step; a model built with the default ``--step_loop`` holds each group of
-repeated steps as stacked weights [K, ...] and refuses them. This program builds the model of
-the flags twice -- unrolled and stacked -- restores the source checkpoint (``--source``: a
-checkpoint prefix, a checkpoint directory or a workdir, whose latest checkpoint is used) into
-the unrolled one with its optimizer, copies every weight, every optimizer slot, the
-optimizer's iteration count and the step and epoch counters into the stacked one, and writes
-``--workdir``/checkpoints/ckpt-<step> and ``config.json``, so that ``python -m train.main``
-with the same flags and ``--workdir`` resumes the run there. The model flags must be those the
-source was trained with. The numbers are unchanged: the loop runs the same steps on the same
-weights.
+Checkpoints written before repeated flow steps ran as loops hold one set of variables per step;
+the model built from the flags holds each group of repeated steps as stacked weights [K, ...]
+and refuses them. This program builds the model of the flags, reads the source checkpoint
+(``--source``: a checkpoint prefix, a checkpoint directory or a workdir, whose latest
+checkpoint is used) in the unrolled layout -- its model variables by index, its optimizer
+through stand-in variables of the unrolled shapes -- writes every weight, every optimizer slot,
+the optimizer's iteration count and the step and epoch counters into the model's stacked
+layout, and writes ``--workdir``/checkpoints/ckpt-<step> and ``config.json``, so that
+``python -m train.main`` with the same flags and ``--workdir`` resumes the run there. The model
+flags must be those the source was trained with. The numbers are unchanged: the loop runs the
+same steps on the same weights.
 
-The two layouts: for a loop-layout model, ``bijectors.repeated.unrolled_variable_layout`` lists
+The two layouts: ``train.checkpoint_contents.unrolled_variable_layout`` lists, for a model,
 where each variable of the unrolled layout lives (a whole variable, or slice k of a stacked
-weight), in the unrolled model's ``variables`` order, which is the order of its checkpoints'
-``model_variables``; ``assign_unrolled_values`` and ``copy_unrolled_optimizer`` copy values
-and optimizer slots along it.
+weight), in the order of the unrolled checkpoints' ``model_variables``;
+``assign_unrolled_values`` and ``copy_unrolled_optimizer`` copy values and optimizer slots
+along it.
 """
 
 import os
@@ -33,7 +33,6 @@ from absl import app  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 import tfflows  # noqa: E402  pylint: disable=wrong-import-position
-from bijectors import repeated  # noqa: E402  pylint: disable=wrong-import-position
 from tfflows import atomic  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoint_contents  # noqa: E402  pylint: disable=wrong-import-position
 from train import checkpoint_files  # noqa: E402  pylint: disable=wrong-import-position
@@ -53,21 +52,22 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   prefix = checkpoint_files.find_checkpoint(source)
   if prefix is None:
     raise ValueError(f'--source={source}: no checkpoint there.')
-  config = config.replace(step_loop=True, remat='none')
-  unrolled = tfflows.build_model(config.replace(step_loop=False))
+  config = config.replace(remat='none')
+  looped = tfflows.build_model(config)
+  layout = checkpoint_contents.unrolled_variable_layout(looped)
+  values = read_unrolled_values(prefix, layout)
+  # The source optimizer, built on stand-ins of the unrolled trainable variables and restored
+  # through the checkpoint's object graph (its slots are matched by position).
+  stand_ins = [keras.Variable(np.zeros(shape, v.dtype), dtype=v.dtype, name=f'unrolled_{i}')
+               for i, (v, shape) in enumerate(_unrolled_shapes(layout)) if v.trainable]
   source_optimizer = trainer.make_optimizer(optimizer, learning_rate)
-  source_optimizer.build(unrolled.trainable_variables)
-  checkpoint_contents.check_model_variables(prefix, unrolled)
-  restored = tf.train.Checkpoint(
-      optimizer=source_optimizer,
-      **{checkpoint_contents.MODEL_VARIABLES: list(unrolled.variables)})
-  restored.read(prefix).expect_partial()
+  source_optimizer.build(stand_ins)
+  tf.train.Checkpoint(optimizer=source_optimizer).read(prefix).expect_partial()
   # The progress counters the Checkpointer saves by name, read as values.
   reader = tf.train.load_checkpoint(prefix)
   step, epoch = (int(reader.get_tensor(f'{name}/.ATTRIBUTES/VARIABLE_VALUE'))
                  for name in ('step', 'epoch'))
-  looped = tfflows.build_model(config)
-  assign_unrolled_values(looped, [v.numpy() for v in unrolled.variables])
+  assign_unrolled_values(looped, values)
   target_optimizer = trainer.make_optimizer(optimizer, learning_rate)
   target_optimizer.build(looped.trainable_variables)
   copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
@@ -77,10 +77,33 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   return written
 
 
+def _unrolled_shapes(layout):
+  """[(variable, shape of its unrolled counterpart)] along a layout."""
+  return [(v, tuple(v.shape[1:]) if k is not None else tuple(v.shape)) for v, k in layout]
+
+
+def read_unrolled_values(prefix, layout):
+  """The model variables of checkpoint ``prefix``, read by index: one array per entry of the
+  unrolled layout. Raises ValueError unless the checkpoint holds exactly that layout."""
+  stored = checkpoint_contents.stored_shapes(prefix)
+  expected = [shape for _, shape in _unrolled_shapes(layout)]
+  if len(stored) != len(expected):
+    raise ValueError(f'checkpoint {prefix} holds {len(stored)} model variables, the unrolled '
+                     f'layout of the model of the flags {len(expected)}: not this model in the '
+                     'unrolled layout (were the model flags different when it was written?).')
+  for i, (shape, want) in enumerate(zip(stored, expected)):
+    if shape is None or tuple(shape) != want:
+      raise ValueError(f'checkpoint {prefix}: model variable {i} has shape {shape}, the '
+                       f'unrolled layout of the model of the flags {list(want)}.')
+  reader = tf.train.load_checkpoint(prefix)
+  return [reader.get_tensor(f'{checkpoint_contents.MODEL_VARIABLES}/{i}/.ATTRIBUTES/'
+                            'VARIABLE_VALUE') for i in range(len(expected))]
+
+
 def assign_unrolled_values(model, values):
   """Assigns values listed in the unrolled layout's order (one array per variable) to the
   variables of ``model`` (loop layout). Raises ValueError naming the first mismatch."""
-  layout = repeated.unrolled_variable_layout(model)
+  layout = checkpoint_contents.unrolled_variable_layout(model)
   values = list(values)
   if len(values) != len(layout):
     raise ValueError(f'{len(values)} values for an unrolled layout of {len(layout)} variables.')
@@ -122,7 +145,8 @@ def copy_unrolled_optimizer(source, target, model):
   if len(src_slots) != len(dst_slots):
     raise ValueError(f'optimizers differ: {len(src_slots)} vs {len(dst_slots)} slot lists.')
   position = {id(v): i for i, v in enumerate(dst_vars)}
-  trainable = [(v, k) for v, k in repeated.unrolled_variable_layout(model) if v.trainable]
+  trainable = [(v, k) for v, k in checkpoint_contents.unrolled_variable_layout(model)
+               if v.trainable]
   if len(trainable) != len(src_vars):
     raise ValueError(f'{len(src_vars)} optimised variables for {len(trainable)} trainable '
                      'variables of the unrolled layout.')

@@ -82,8 +82,7 @@ def _warn_of_xla_loops_on_cpu(model, jit_compile):
       and repeated.has_while_loops(model)):
     logging.warning('XLA (--jit_compile) on a CPU runs the gradients of the repeated flow '
                     'steps, which run as loops, about 20x slower than TensorFlow\'s own '
-                    'kernels; on a CPU train with --nojit_compile (or --nostep_loop to keep '
-                    'XLA).')
+                    'kernels; on a CPU train with --nojit_compile.')
 
 
 def check_mixed_precision(model, images):

@@ -27,8 +27,7 @@ dequantization), assigns it the official weights, feeds it the same u and e, and
 
 Other tfflows layouts of the same model can be checked with --config, e.g.
 --config="layers_conf=(3,3,3);remat='step'" (the steps as a tf.while_loop with recomputation)
-against an official run with --official_flags='--layers_conf=3,3,3'; step_loop=False (the
-unrolled steps) is supported too.
+against an official run with --official_flags='--layers_conf=3,3,3'.
 
 Weight mapping (official -> tfflows; every one is a signed permutation, so the official gradient
 mapped the same way is the tfflows gradient):
@@ -200,13 +199,10 @@ def links(model, dense_layers):
   per_step = step_links(dense_layers)
   for unit in repeated.find_repeated(model.flow):
     b, u = map(int, re.fullmatch(r'block(\d+)_unit(\d+)', unit.name).groups())
-    if unit.stacked is None:     # step_loop=False: every step its own variables
-      pairs = [(v.path[len(f'{unit.name}_step{k}_'):], v, None, k)
-               for k, step in enumerate(unit.steps) for v in repeated.step_variables(step)]
-    else:                        # stacked [K, ...] weights; the template is step 0
-      pairs = [(v.path[len(f'{unit.name}_step0_'):], stacked, k, k)
-               for v, stacked in zip(unit.template_variables, unit.stacked.ordered)
-               for k in range(unit.num_steps)]
+    # stacked [K, ...] weights; the template is step 0
+    pairs = [(v.path[len(f'{unit.name}_step0_'):], stacked, k, k)
+             for v, stacked in zip(unit.template_variables, unit.stacked.ordered)
+             for k in range(unit.num_steps)]
     for key, variable, index, k in pairs:
       if key == 'actnorm/initialized':
         result.append(Link(variable, index, None, None))
@@ -329,16 +325,15 @@ class Recorder:
         self._put(f't{t}_block/unit{u}/0', out[0])
         self._put(f't{t}_block/unit{u}/1', out[1])
       self._wrap(unit, 'forward_and_log_det', unit_out)
-      # the couplings in call order: the template's K calls, or each unrolled step's one
+      # the couplings in call order: the template's K calls
       calls = []
-      for step in (unit.steps or [unit.template]):
-        def params_out(out, u=u, calls=calls):
-          shift, log_scale = out
-          tag = f't{t}_block/unit{u}/step{len(calls)}/coupling'
-          calls.append(tag)
-          self._put(tag + '_shift', shift)
-          self._put(tag + '_log_scale', log_scale)
-        self._wrap(step.bijectors[2], '_shift_and_log_scale', params_out)
+      def params_out(out, u=u, calls=calls):
+        shift, log_scale = out
+        tag = f't{t}_block/unit{u}/step{len(calls)}/coupling'
+        calls.append(tag)
+        self._put(tag + '_shift', shift)
+        self._put(tag + '_log_scale', log_scale)
+      self._wrap(unit.template.bijectors[2], '_shift_and_log_scale', params_out)
     counter = []
 
     def noise_params(out):

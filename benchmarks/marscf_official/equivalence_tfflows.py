@@ -235,11 +235,9 @@ def links(model):
     num = unit.num_steps
     for k in range(num):
       j = offset + 1 + k
-      if unit.stacked is None:     # step_loop=False: every step its own variables
-        pairs = [(v, None, suffix, fn) for v, suffix, fn in step_links(unit.steps[k])]
-      else:                        # stacked [K, ...] weights; the template is step 0's graph
-        pairs = [(unit.stacked.stacked(v), k, suffix, fn)
-                 for v, suffix, fn in step_links(unit.template)]
+      # stacked [K, ...] weights; the template is step 0's graph
+      pairs = [(unit.stacked.stacked(v), k, suffix, fn)
+               for v, suffix, fn in step_links(unit.template)]
       for variable, index, suffix, fn in pairs:
         result.append(Link(variable, index, None if suffix is None
                            else f'flow.layers.{j}.{suffix}', fn))
@@ -325,16 +323,15 @@ class Recorder:
         self._put(f'level{i}/out', out[0])
         self._put(f'level{i}/logdet', out[1])
       self._wrap(unit, 'forward_and_log_det', level_out)
-      # the couplings in call order: the template's K calls, or each unrolled step's one
+      # the couplings in call order: the template's K calls
       calls = []
-      for step in (unit.steps or [unit.template]):
-        def params_out(out, i=i, calls=calls):
-          shift, log_scale = out
-          tag = f'level{i}/step{len(calls)}/coupling'
-          calls.append(tag)
-          self._put(tag + '_shift', shift)
-          self._put(tag + '_log_scale', log_scale)
-        self._wrap(step.bijectors[2], '_shift_and_log_scale', params_out)
+      def params_out(out, i=i, calls=calls):
+        shift, log_scale = out
+        tag = f'level{i}/step{len(calls)}/coupling'
+        calls.append(tag)
+        self._put(tag + '_shift', shift)
+        self._put(tag + '_log_scale', log_scale)
+      self._wrap(unit.template.bijectors[2], '_shift_and_log_scale', params_out)
     num = len(model.priors)
     for k, prior in enumerate(model.priors):
       level = num - k          # the official level of this prior (1 = bottom)

@@ -39,9 +39,9 @@ float32, and the inverse stays exact (it recomputes the same network outputs fro
 float32 inputs). A global mixed Keras policy asks for the same (``tfflows.models``). The build
 logs the resolved precision; ``model.network_precision`` holds it.
 
-Steps: the steps of a unit run as one loop over stacked weights (``bijectors.repeated``;
-``step_loop=False``: unrolled, the reference), with ``remat='step'`` recomputing each step's
-activations in the backward pass. Units differ in their channel counts, so each is its own loop.
+Steps: the steps of a unit run as one loop over stacked weights (``bijectors.repeated``), with
+``remat='step'`` recomputing each step's activations in the backward pass. Units differ in
+their channel counts, so each is its own loop.
 ``parameter_count(config)`` gives the trainable-parameter breakdown analytically;
 DF-74-10 with variational dequantization has 130,647,294, the official model's count.
 """
@@ -99,7 +99,7 @@ def dense_block(index, channels, spatial, config):
                       name=f'{name}_step{s}')
 
     units.append(repeated.Repeated(make_step, num_steps, event_shape=tuple(spatial) + (c,),
-                                   loop=config.step_loop, remat=config.remat == 'step',
+                                   remat=config.remat == 'step',
                                    name=name))
   with network_policy(config):
     block = cross_unit.CrossUnitBlock(units, channels, config.growth_rate, spatial,

@@ -4,7 +4,7 @@
     step = ActNorm -> invertible 1x1 conv (LU) -> affine coupling, scale = sigmoid(h + 2)
 
 The K steps of a level run as one loop over stacked weights (``bijectors.repeated``;
-config.step_loop=False unrolls them; config.remat='step' recomputes them in the backward pass).
+config.remat='step' recomputes them in the backward pass).
 
 The split keeps the first half of the channels; the factored half has Glow's learned prior
 N(mu(r), sigma(r)) from a zero-initialised conv over the kept half r. The top latent has a
@@ -81,12 +81,11 @@ def build_levels(config, step_fn=None, split_permutation=None):
 
 def repeated_steps(step_fn, config, shape, name):
   """The K = config.steps_per_level steps of a level on [H, W, C] = shape: one loop over stacked
-  weights (``bijectors.repeated``), or unrolled with config.step_loop=False."""
+  weights (``bijectors.repeated``)."""
   def make_step(k):
     return fb.Chain(step_fn(shape[-1], f'{name}_step{k}'), name=f'{name}_step{k}')
   return repeated.Repeated(make_step, config.steps_per_level, event_shape=shape,
-                           loop=config.step_loop, remat=config.remat == 'step',
-                           name=f'{name}_steps')
+                           remat=config.remat == 'step', name=f'{name}_steps')
 
 
 def build(config):

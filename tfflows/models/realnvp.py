@@ -14,7 +14,7 @@ with ``res_blocks`` blocks and width ``base_width * 2^s``. Priors are N(0, I).
 Each group of alternating couplings is one loop over stacked weights (``bijectors.repeated``):
 the couplings of a group are the same function of their weights and their mask parity, so the
 parity is per-step data (0, 1, 0, ...) rather than looping over pairs, which would leave the odd
-third coupling of a group of 3 outside the loop. config.step_loop=False unrolls them.
+third coupling of a group of 3 outside the loop.
 
 ``config.split`` chooses the permutation before each split (``tfflows.split_permutations``):
 
@@ -46,12 +46,12 @@ def coupling(channels, mask, parity, width, config, name):
 
 def couplings(shape, mask, count, width, config, name):
   """``count`` couplings of alternating parity (0, 1, 0, ...) on [H, W, C] = shape, as one loop
-  over stacked weights whose per-step data is the parity (``bijectors.repeated``), or unrolled
-  with config.step_loop=False. Step k is named f'{name}{k}'."""
+  over stacked weights whose per-step data is the parity (``bijectors.repeated``). Step k is
+  named f'{name}{k}'."""
   parities = [k % 2 for k in range(count)]
   return repeated.Repeated(
       lambda k: coupling(shape[-1], mask, parities[k], width, config, f'{name}{k}'), count,
-      event_shape=shape, loop=config.step_loop, remat=config.remat == 'step',
+      event_shape=shape, remat=config.remat == 'step',
       step_kwargs={'parity': parities}, name=name)
 
 

@@ -126,10 +126,18 @@ def official_nystrom_attention(q, k, v, num_landmarks, pinv_iterations):
   scale = tf.cast(1.0 / math.sqrt(q.shape[-2]), q.dtype)
   q_land = segment_means(q, num_landmarks) * scale
   k_land = segment_means(k, num_landmarks) * scale
-  f = tf.nn.softmax(tf.matmul(q, k_land, transpose_b=True), axis=-2)        # [N, m]
-  a = tf.nn.softmax(tf.matmul(q_land, k_land, transpose_b=True), axis=-2)   # [m, m]
-  b = tf.nn.softmax(tf.matmul(q_land, k, transpose_b=True), axis=-2)        # [m, N]
+  f = _softmax_over_rows(tf.matmul(q, k_land, transpose_b=True))        # [N, m]
+  a = _softmax_over_rows(tf.matmul(q_land, k_land, transpose_b=True))   # [m, m]
+  b = _softmax_over_rows(tf.matmul(q_land, k, transpose_b=True))        # [m, N]
   return tf.matmul(f, tf.matmul(iterative_pinv(a, pinv_iterations), tf.matmul(b, v))) + v
+
+
+def _softmax_over_rows(x):
+  """softmax(x, axis=-2) with constant transpose permutations: what tf.nn.softmax does for a
+  non-last axis, whose permutations it computes from the rank at run time -- inside a
+  tf.while_loop (bijectors.repeated) their gradient's then reads them from the loop's
+  accumulators, which XLA refuses (a permutation must be a compile-time constant)."""
+  return tf.linalg.matrix_transpose(tf.nn.softmax(tf.linalg.matrix_transpose(x), axis=-1))
 
 
 def channel_major_tokens(t):
