@@ -441,7 +441,7 @@ def find_repeated(bijector):
     if isinstance(b, Repeated):
       found.append(b)
       return
-    for attr in ('bijectors', 'units', 'steps'):
+    for attr in ('bijectors', 'units'):
       for child in getattr(b, attr, None) or ():
         walk(child)
     for level in getattr(b, 'levels', None) or ():

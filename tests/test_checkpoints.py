@@ -95,6 +95,21 @@ def test_config_json_is_written_once_and_the_flags_must_describe_it(tmp_path):
     checkpoints.check_config(str(tmp_path), config)
 
 
+@pytest.mark.parametrize('retired', ['--step_loop', '--nostep_loop'])
+def test_a_flags_txt_of_an_earlier_version_still_parses(tmp_path, retired):
+  """flags.txt files written while step_loop was a model flag hold --step_loop or --nostep_loop:
+  rerunning them still parses (the flag is retired and ignored), and a new flags.txt leaves it
+  out."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  old = tmp_path / 'old_flags.txt'
+  old.write_text(f'--flagfile={root}/configs/tiny.flags\n--workdir={tmp_path}\n{retired}\n')
+  flag_values = train_flags.FLAGS
+  flag_values.unparse_flags()
+  flag_values(['train.main', f'--flagfile={old}'])
+  assert 'step_loop' not in {f.name for f in train_flags.program_flags(flag_values)}
+  assert 'step_loop' not in train_flags.flagfile_text(flag_values)
+
+
 # ------------------------------------------------------------------ item 1: the state file
 @pytest.mark.parametrize('damage', ['garbage', 'deleted', 'names a missing checkpoint'])
 def test_checkpoints_without_a_usable_state_are_refused_not_overwritten(model, tmp_path, damage):

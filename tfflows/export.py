@@ -5,7 +5,7 @@
     loaded.signatures['serving_default'](images=uint8_batch)   # {'log_prob', 'bits_per_dim'}
     loaded.signatures['sample'](num_samples=..., temperature=..., seed=...)  # {'images'}
 
-Signatures (a public contract; README, section "Serving"):
+Signatures (a public contract; docs/serving.md):
 
 ``serving_default``  images uint8 [None, H, W, C] -> log_prob float32 [None] (nats),
                      bits_per_dim float32 [None].

@@ -5,8 +5,8 @@ r"""Throughput and memory of a model built from a flagfile: training, evaluation
         [--conditioner_precision=auto|float32|bfloat16]
 
 The model comes from the same flags as ``train.main`` (``train/flags.py``; ``--remat`` and
-``--conditioner_precision`` are model flags); the images are random uint8 batches of the dataset's shape (no data is read), so only the computation is
-measured. For each part, after ``--warmup`` untimed calls (the first one traces and compiles):
+``--conditioner_precision`` are model flags); the images are random uint8 batches of the
+dataset's shape (no data is read), so only the computation is measured. For each part, after ``--warmup`` untimed calls (the first one traces and compiles):
 
     train    images/s of the compiled training step: ``FlowModel.train_step`` (forward, backward,
              Adamax update) as one ``tf.function`` with ``jit_compile`` from ``--jit_compile``,

@@ -73,7 +73,7 @@ def convert(config, source, workdir, optimizer='adamax', learning_rate=1e-3):
   copy_unrolled_optimizer(source_optimizer, target_optimizer, looped)
   writer = checkpoints.Checkpointer(workdir, looped, target_optimizer, keep=1)
   written = writer.save(step, epoch)
-  atomic.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  atomic.write_json(os.path.join(workdir, checkpoints.CONFIG_JSON), config.to_dict())
   return written
 
 

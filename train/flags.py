@@ -18,7 +18,7 @@ import tokenize
 
 from absl import flags
 
-from tfflows.config import FlowConfig
+from tfflows.config import RETIRED_FIELDS, FlowConfig
 from tfflows.data.pipeline import DATASETS
 
 FLAGS = flags.FLAGS
@@ -256,6 +256,18 @@ def _int_list(values):
 
 
 _define_model_flags()
+
+
+def _define_retired_flags():
+  """The flags of retired FlowConfig fields (``tfflows.config.RETIRED_FIELDS``), accepted and
+  ignored so that a flags.txt written by an earlier version reruns; defined outside this
+  module's flags, so --help, ``program_flags`` and new flags.txt files leave them out."""
+  for name in RETIRED_FIELDS:
+    flags.DEFINE_bool(name, None, f'Retired and ignored ({name}: every group of repeated steps '
+                      'runs as one loop).', module_name='train.retired_flags')
+
+
+_define_retired_flags()
 flags.register_validator('image_shape', lambda v: not v or (len(v) == 3 and _int_list(v)),
                          '--image_shape must be empty (the dataset\'s) or three integers H,W,C.')
 flags.register_validator('typicality_alpha', lambda v: 0. < v < 1.,

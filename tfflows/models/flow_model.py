@@ -141,7 +141,7 @@ class FlowModel(keras.Model):
         'randomised one-sample bound without its seeds, checks and sampling signature. Export '
         f'with tfflows.export.export_saved_model(model, {str(filepath)!r}) (or python -m '
         'train.main --mode=export): TF Serving signatures serving_default (log_prob, '
-        'bits_per_dim of uint8 images) and sample; README, section "Serving".')
+        'bits_per_dim of uint8 images), sample, ood; docs/serving.md.')
 
   # -- data-dependent initialisation ----------------------------------------------------------
   @property
@@ -428,6 +428,8 @@ class FlowModel(keras.Model):
     self.replica_jit_compile = (jit_compile != 'auto' and bool(jit_compile)
                                 and self._distribute_strategy is not None)
     self.__dict__['_jit_compile_asked'] = jit_compile   # saved as asked, decided per strategy
+    # The per-replica step traced under the previous settings (scale_l2 is traced into it).
+    self.__dict__.pop('_replica_step_compiled', None)
     # Keras resolves 'auto' itself (no XLA on a CPU-only machine or under a strategy).
     super().compile(optimizer=optimizer,
                     jit_compile=False if self.replica_jit_compile else jit_compile, **kwargs)
