@@ -39,14 +39,20 @@ forward step, its gradient and an accumulator for every intermediate the gradien
 gradients are the same; Keras' ``training`` mode and the dropout seeds of the forward pass are
 those of the recomputation.
 
+Reading the parameters: the loop packs the stacked weights of one dtype into one [K, N] array
+(the flattened weights side by side) and reads row k of it from a TensorArray, instead of one
+TensorArray a weight. Every array a ``tf.while_loop`` reads is one of its loop variables, with
+its own read, gradient write and stacking; packed, a DenseFlow step's ~155 weights are one or
+two. The cost is one copy of the weights (the concatenation) while the step runs. The remat
+loop's reads carry no gradient and stay one gather a weight (no copy of all K).
+
 This loop is the only way the steps run, for every K >= 1 (one step is a loop of one
 iteration): the numbers are those of K separately built steps run one after the other with the
-values of the slices (tests/test_repeated.py builds that reference). For K = 1 or 2 the loop's
-machinery (an accumulator for every intermediate the gradient needs, the TensorArrays of the
-weights and their gradients) costs more graph ops and tracing time than the steps traced in
-turn would (measured on the quick start's DenseFlow, units of 2 steps: 26% more graph ops,
-about 10% more CPU time a training step, within a noisy machine's spread); the deep
-configurations (groups of 3 to 32 steps) are what the loop is for.
+values of the slices (tests/test_repeated.py builds that reference). For K = 2 the loop still
+costs a little more to build than the two steps traced in turn (while_loop's gradient keeps an
+accumulator for every intermediate it needs): on SMALL DenseFlow's units of 2 steps, 3% more
+graph ops, a slower first call and 0.2 GB more peak memory, the same time a training step
+(docs/results.md); the deep configurations (groups of 3 to 32 steps) are what the loop is for.
 
 Checkpoints written before the loops existed hold one set of variables per step; the program
 ``train/convert_checkpoint.py`` converts them, along the map between the two layouts that
@@ -265,6 +271,59 @@ class Repeated(base.FlowBijector):
     return self.template.inverse_event_shape_tensor(s)
 
 
+class _Packing:
+  """Tensors of given shapes and dtypes as one vector per dtype, and back.
+
+  The plain loop reads the K steps' parameters, and writes the carried state, as one
+  [K, N_d] array per dtype d (the concatenation of the flattened tensors) instead of one
+  array per variable: every array a loop reads or writes is one of its loop variables, with
+  its own reads, writes and gradient in every iteration.
+  ``pack``/``unpack`` work on [K, ...] tensors and [K, N] arrays, or with ``lead=()`` on one
+  step's slices and rows.
+  """
+
+  def __init__(self, variables):
+    self.shapes = [tuple(v.shape) for v in variables]
+    self.dtypes = [tf.as_dtype(v.dtype) for v in variables]
+    self.groups = {}
+    for j, dtype in enumerate(self.dtypes):
+      self.groups.setdefault(dtype, []).append(j)
+
+  def pack(self, tensors, lead=None):
+    """{dtype: [*lead, N]}; lead defaults to the tensors' first axis (K)."""
+    packed = {}
+    for dtype, members in self.groups.items():
+      shape = ([int(tensors[members[0]].shape[0])] if lead is None else list(lead)) + [-1]
+      packed[dtype] = tf.concat([tf.reshape(tf.cast(tensors[j], dtype), shape)
+                                 for j in members], axis=-1)
+    return packed
+
+  def unpack(self, packed, lead=()):
+    """The list of tensors [*lead, *shape_j] from {dtype: [*lead, N]}."""
+    out = [None] * len(self.shapes)
+    for dtype, members in self.groups.items():
+      for j, part in zip(members, tf.split(packed[dtype], self._sizes(members), axis=-1)):
+        out[j] = tf.reshape(part, list(lead) + list(self.shapes[j]))
+    return out
+
+  def arrays(self, num):
+    """Empty TensorArrays of K rows, one per dtype, for ``write`` and ``stacked``."""
+    return [tf.TensorArray(dtype, size=num, element_shape=[sum(self._sizes(members))])
+            for dtype, members in self.groups.items()]
+
+  def _sizes(self, members):
+    return [int(np.prod(self.shapes[j], dtype=np.int64)) for j in members]
+
+  def write(self, arrays, k, tensors):
+    """The arrays with row k set to the packed tensors of one step."""
+    rows = self.pack(tensors, lead=())
+    return [a.write(k, rows[dtype]) for a, dtype in zip(arrays, self.groups)]
+
+  def stacked(self, arrays, num):
+    """The list of [K, *shape_j] tensors the K-row arrays hold."""
+    return self.unpack({dtype: a.stack() for a, dtype in zip(arrays, self.groups)}, lead=(num,))
+
+
 class _StepLoop:
   """One ``tf.while_loop`` over the steps of a ``Repeated`` (see the module doc)."""
 
@@ -282,6 +341,8 @@ class _StepLoop:
     self.carried = [j for j, v in enumerate(self.variables)
                     if self.initializing or not v.trainable]
     self.trainable = [j for j, v in enumerate(self.variables) if v.trainable]
+    self.packing = _Packing(self.variables)
+    self.carried_packing = _Packing([self.variables[j] for j in self.carried])
     self.updated = set()
 
   @tf.autograph.experimental.do_not_convert
@@ -301,27 +362,23 @@ class _StepLoop:
     values of the carried variables)."""
     num = self.r.num_steps
     # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
-    # [K, ...] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
+    # [K, N] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
     # written to slot k of the gradient's TensorArray.
-    arrays = [tf.TensorArray(v.dtype, size=num, element_shape=v.shape[1:]).unstack(v)
-              for v in values]
-    outs = [tf.TensorArray(values[j].dtype, size=num, element_shape=values[j].shape[1:])
-            for j in self.carried]
+    arrays = {dtype: tf.TensorArray(dtype, size=num, element_shape=m.shape[1:]).unstack(m)
+              for dtype, m in self.packing.pack(values).items()}
+    outs = self.carried_packing.arrays(num)
 
     def body(i, *state):
       k = self._order(i)
       h, outs = list(state[:len(flat)]), list(state[len(flat):])
-      theta = [a.read(k) for a in arrays]
+      theta = self.packing.unpack({dtype: a.read(k) for dtype, a in arrays.items()})
       kwargs = {key: tf.gather(v, k) for key, v in data.items()}
       h, new = self._apply(h, theta, kwargs, structure=carry)
-      outs = [o.write(k, tf.cast(n, o.dtype)) for o, n in zip(outs, new)]
-      return (i + 1, *h, *outs)
+      return (i + 1, *h, *self.carried_packing.write(outs, k, new))
 
     result = tf.while_loop(lambda i, *_: i < num, body, (tf.constant(0), *flat, *outs),
                            maximum_iterations=num)
-    outs = result[1 + len(flat):]   # stacked only where a step changed the variable
-    return result[1:1 + len(flat)], [out.stack() if j in self.updated else None
-                                     for j, out in zip(self.carried, outs)]
+    return result[1:1 + len(flat)], self.carried_packing.stacked(result[1 + len(flat):], num)
 
   def _order(self, i):
     """The step the i-th iteration runs."""
@@ -334,19 +391,20 @@ class _StepLoop:
     activation of a step outlives its iteration, and the graph holds the forward step once and
     the recomputation with its gradient once (no accumulators of intermediates)."""
     num, n = self.r.num_steps, len(flat)
-    others = {j: values[j] for j in range(len(values)) if j not in self.trainable}
 
     def step_inputs(stacked, k):
-      # Gathers, not TensorArrays: no gradient flows through these reads (the backward loop
-      # differentiates with respect to the slices), and a gather copies one step's weights
-      # where a TensorArray would copy all K.
-      theta = [tf.gather(stacked[j], k) for j in range(len(values))]
+      # Gathers from each stacked weight, not TensorArrays or the packed arrays of the plain
+      # loop: no gradient flows through these reads (the backward loop differentiates with
+      # respect to the slices), and a gather copies one step's weights where a TensorArray or
+      # packing would copy all K.
+      theta = [tf.gather(w, k) for w in stacked]
       return theta, {key: tf.gather(v, k) for key, v in data.items()}
 
     @tf.custom_gradient
     def loop(*args):
-      weights = dict(zip(self.trainable, args[n:]))
-      arrays = {**others, **weights}
+      stacked = list(values)
+      for j, value in zip(self.trainable, args[n:]):
+        stacked[j] = value
       # Read by every call of grad (a persistent tape or a Jacobian calls it more than once).
       inputs = [tf.TensorArray(h.dtype, size=num, element_shape=h.shape, clear_after_read=False)
                 for h in flat]
@@ -357,7 +415,7 @@ class _StepLoop:
         k = self._order(i)
         h, ins, outs = state[:n], state[n:2 * n], state[2 * n:]
         ins = [a.write(k, x) for a, x in zip(ins, h)]
-        theta, kwargs = step_inputs(arrays, k)
+        theta, kwargs = step_inputs(stacked, k)
         h, new = self._apply(list(h), theta, kwargs, structure=carry)
         outs = [o.write(k, tf.cast(v, o.dtype)) for o, v in zip(outs, new)]
         return (i + 1, *h, *ins, *outs)
@@ -371,21 +429,18 @@ class _StepLoop:
 
       def grad(*upstream):
         dh = [tf.zeros_like(x) if u is None else u for x, u in zip(h, upstream[:n])]
-        grads = [tf.TensorArray(weights[j].dtype, size=num,
-                                element_shape=weights[j].shape[1:]) for j in self.trainable]
+        grads = [tf.TensorArray(stacked[j].dtype, size=num, element_shape=stacked[j].shape[1:])
+                 for j in self.trainable]
 
         def back(i, *state):
           k = self._order(num - 1 - i)
           dh, grads = list(state[:n]), list(state[n:])
           h_k = [a.read(k) for a in saved]
-          theta, kwargs = step_inputs(arrays, k)
+          theta, kwargs = step_inputs(stacked, k)
           t = [theta[j] for j in self.trainable]
           with tf.GradientTape() as tape:
             tape.watch(h_k + t)
-            full = list(theta)
-            for j, value in zip(self.trainable, t):
-              full[j] = value
-            out, _ = self._apply(h_k, full, kwargs, structure=carry)
+            out, _ = self._apply(h_k, theta, kwargs, structure=carry)
           g = tape.gradient(out, h_k + t, output_gradients=dh,
                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
           grads = [a.write(k, tf.cast(d, a.dtype)) for a, d in zip(grads, g[n:])]

@@ -27,16 +27,38 @@ def assert_log_det_matches_jacobian(bijector, x, atol=1e-6, **condition):
   _, fldj = bijector.forward_and_log_det(x, **condition)
   fldj = _per_example(fldj, batch)
   for b in range(batch):
-    xb = x[b:b + 1]
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(xb)
-      yb, _ = bijector.forward_and_log_det(xb, **condition)
-      flat = tf.reshape(yb, [-1])
-    jac = tape.jacobian(flat, xb, experimental_use_pfor=False)
-    jac = tf.reshape(jac, [flat.shape[0], -1])
+    jac = autodiff_jacobian(lambda xb: bijector.forward_and_log_det(xb, **condition)[0],
+                            x[b:b + 1])
     assert jac.shape[0] == jac.shape[1], f'not square: {jac.shape}'
-    _, logabsdet = np.linalg.slogdet(jac.numpy())
+    _, logabsdet = np.linalg.slogdet(jac)
     np.testing.assert_allclose(fldj[b], logabsdet, atol=atol, rtol=1e-6)
+
+
+def autodiff_jacobian(fn, x):
+  """The Jacobian of fn at x from autodiff, as a numpy array [output size, input size].
+
+  x: a tensor or a structure of tensors (one example); fn's output likewise; both are
+  flattened in ``tf.nest`` order. ``GradientTape.jacobian`` (one backward pass a row, no
+  vectorisation, which the flows' while loops do not support) runs in one ``tf.function``:
+  the rows are a graph loop instead of an eager backward pass each.
+  """
+  parts = [tf.convert_to_tensor(t) for t in tf.nest.flatten(x)]
+
+  @tf.function(autograph=False)
+  def jacobian(*parts):
+    parts = list(parts)
+    with tf.GradientTape() as tape:
+      tape.watch(parts)
+      flat = flatten(fn(tf.nest.pack_sequence_as(x, parts)))
+    rows = tape.jacobian(flat, parts, experimental_use_pfor=False)
+    return tf.concat([tf.reshape(r, [flat.shape[0], -1]) for r in rows], 1)
+
+  return jacobian(*parts).numpy()
+
+
+def flatten(structure):
+  """A structure of tensors as one vector, in ``tf.nest`` order."""
+  return tf.concat([tf.reshape(t, [-1]) for t in tf.nest.flatten(structure)], 0)
 
 
 def assert_unknown_batch(bijector, x, jit_compile):

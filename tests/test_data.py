@@ -8,7 +8,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfflows import data
-from tfflows.data import embedded
 from tfflows.data import imagenet_npz
 from tfflows.data import make_embedded
 from tfflows.data import pipeline

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import tfflows
+from tests import flow_checks
 
 # Glow's 3 steps a level and RealNVP's 3-4 couplings a group run as tf.while_loop over stacked
 # weights (bijectors.repeated).
@@ -32,56 +33,55 @@ def tiny(request):
   return tfflows.build_model(tfflows.FlowConfig(**TINY[request.param]))
 
 
-def test_log_prob_matches_tfp_distribution(tiny):
+@pytest.fixture(scope='module', params=sorted(TINY))
+def trained(request):
+  """A tiny model after one SGD step, shared by the read-only tests of this module."""
+  return _trained_once(tfflows.build_model(tfflows.FlowConfig(**TINY[request.param])),
+                       _images())
+
+
+def test_log_prob_matches_tfp_distribution(trained):
   """The training path (contexts from the forward pass) equals TFP's TransformedDistribution
   over the JointDistributionCoroutine prior (which inverts each level)."""
   images = _images()
-  _trained_once(tiny, images)
   values = tf.cast(images, tf.float32) + 0.5
-  fast = tiny.log_weight(tf.cast(images, tf.float32), midpoint=True)
-  exact = tiny.distribution.log_prob(values)
+  fast = trained.log_weight(tf.cast(images, tf.float32), midpoint=True)
+  exact = trained.distribution.log_prob(values)
   np.testing.assert_allclose(fast, exact, rtol=1e-5, atol=1e-3)
 
 
-def test_log_det_matches_autodiff_jacobian(tiny):
+def test_log_det_matches_autodiff_jacobian(trained):
   """log_prob = prior log-density of the encoded latents + log|det J| with J from autodiff."""
   images = _images(n=2)
-  _trained_once(tiny, images)
   values = tf.cast(images, tf.float32) + 0.5
-  latents, contexts, log_det = tiny.flow.encode(values)
+  latents, contexts, log_det = trained.flow.encode(values)
   for b in range(2):
-    xb = values[b:b + 1]
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(xb)
-      zb, _, _ = tiny.flow.encode(xb)
-      flat = tf.concat([tf.reshape(z, [-1]) for z in zb], 0)
-    jac = tf.reshape(tape.jacobian(flat, xb, experimental_use_pfor=False), [flat.shape[0], -1])
-    _, logabsdet = np.linalg.slogdet(jac.numpy().astype(np.float64))
+    jac = flow_checks.autodiff_jacobian(lambda xb: trained.flow.encode(xb)[0], values[b:b + 1])
+    _, logabsdet = np.linalg.slogdet(jac.astype(np.float64))
     np.testing.assert_allclose(log_det[b], logabsdet, rtol=1e-4, atol=2e-2)
-  prior = sum(p.distribution(r).log_prob(z) for p, z, r in zip(tiny.priors, latents, contexts))
-  np.testing.assert_allclose(tiny.log_weight(tf.cast(images, tf.float32), midpoint=True),
+  prior = sum(p.distribution(r).log_prob(z)
+              for p, z, r in zip(trained.priors, latents, contexts))
+  np.testing.assert_allclose(trained.log_weight(tf.cast(images, tf.float32), midpoint=True),
                              prior + log_det, rtol=1e-6, atol=1e-3)
 
 
-def test_decode_inverts_encode(tiny):
+def test_decode_inverts_encode(trained):
   images = _images()
-  _trained_once(tiny, images)
-  np.testing.assert_array_equal(tiny.decode(tiny.encode(images)).numpy(), images)
+  np.testing.assert_array_equal(trained.decode(trained.encode(images)).numpy(), images)
 
 
-def test_every_weight_gets_a_gradient_and_no_hidden_variables(tiny):
+def test_every_weight_gets_a_gradient_and_no_hidden_variables(trained):
   images = _images()
-  _trained_once(tiny, images)
   x = tf.cast(images, tf.float32)
   with tf.GradientTape() as tape:
-    loss = -tf.reduce_mean(tiny(x, training=True))
+    loss = -tf.reduce_mean(trained(x, training=True))
   watched = {id(v) for v in tape.watched_variables()}
-  grads = tape.gradient(loss, tiny.trainable_variables)
-  missing = [v.path for v, g in zip(tiny.trainable_variables, grads) if g is None]
+  grads = tape.gradient(loss, trained.trainable_variables)
+  missing = [v.path for v, g in zip(trained.trainable_variables, grads) if g is None]
   assert not missing, f'no gradient for {missing}'
-  zero = [v.path for v, g in zip(tiny.trainable_variables, grads) if not np.any(g.numpy())]
+  zero = [v.path for v, g in zip(trained.trainable_variables, grads) if not np.any(g.numpy())]
   assert not zero, f'zero gradient for {zero}'
-  known = {id(v.value) for v in tiny.variables} | {id(v) for v in tiny.variables}
+  known = {id(v.value) for v in trained.variables} | {id(v) for v in trained.variables}
   hidden = [v.name for v in tape.watched_variables() if id(v) not in known]
   assert not hidden, f'variables outside the Keras model: {hidden}'
   assert watched
@@ -106,11 +106,10 @@ def test_fit_lowers_bits_per_dim(tiny):
   assert after < before - 0.2, (before, after)
 
 
-def test_bound_below_importance_weighted_estimate(tiny):
+def test_bound_below_importance_weighted_estimate(trained):
   images = _images(n=8)
-  _trained_once(tiny, images)
-  bound = np.mean([np.mean(tiny.log_prob(images)) for _ in range(4)])
-  iw = [float(np.mean(tiny.log_prob(images, num_samples=k))) for k in (4, 32)]
+  bound = np.mean([np.mean(trained.log_prob(images)) for _ in range(4)])
+  iw = [float(np.mean(trained.log_prob(images, num_samples=k))) for k in (4, 32)]
   assert bound <= iw[0] + 1e-3 and iw[0] <= iw[1] + 0.05, (bound, iw)
 
 
