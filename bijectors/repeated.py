@@ -278,27 +278,23 @@ class _Packing:
   [K, N_d] array per dtype d (the concatenation of the flattened tensors) instead of one
   array per variable: every array a loop reads or writes is one of its loop variables, with
   its own reads, writes and gradient in every iteration.
-  ``pack``/``unpack`` work on [K, ...] tensors and [K, N] arrays, or with ``lead=()`` on one
-  step's slices and rows.
+  ``pack``/``unpack`` work on [K, ...] tensors and [K, N] arrays (lead=(K,)), or on one
+  step's slices and rows (lead=()).
   """
 
   def __init__(self, variables):
     self.shapes = [tuple(v.shape) for v in variables]
-    self.dtypes = [tf.as_dtype(v.dtype) for v in variables]
     self.groups = {}
-    for j, dtype in enumerate(self.dtypes):
-      self.groups.setdefault(dtype, []).append(j)
+    for j, v in enumerate(variables):
+      self.groups.setdefault(tf.as_dtype(v.dtype), []).append(j)
 
-  def pack(self, tensors, lead=None):
-    """{dtype: [*lead, N]}; lead defaults to the tensors' first axis (K)."""
-    packed = {}
-    for dtype, members in self.groups.items():
-      shape = ([int(tensors[members[0]].shape[0])] if lead is None else list(lead)) + [-1]
-      packed[dtype] = tf.concat([tf.reshape(tf.cast(tensors[j], dtype), shape)
-                                 for j in members], axis=-1)
-    return packed
+  def pack(self, tensors, lead):
+    """{dtype: [*lead, N]} from the list of tensors [*lead, *shape_j]."""
+    return {dtype: tf.concat([tf.reshape(tf.cast(tensors[j], dtype), list(lead) + [-1])
+                              for j in members], axis=-1)
+            for dtype, members in self.groups.items()}
 
-  def unpack(self, packed, lead=()):
+  def unpack(self, packed, lead):
     """The list of tensors [*lead, *shape_j] from {dtype: [*lead, N]}."""
     out = [None] * len(self.shapes)
     for dtype, members in self.groups.items():
@@ -341,8 +337,6 @@ class _StepLoop:
     self.carried = [j for j, v in enumerate(self.variables)
                     if self.initializing or not v.trainable]
     self.trainable = [j for j, v in enumerate(self.variables) if v.trainable]
-    self.packing = _Packing(self.variables)
-    self.carried_packing = _Packing([self.variables[j] for j in self.carried])
     self.updated = set()
 
   @tf.autograph.experimental.do_not_convert
@@ -361,24 +355,26 @@ class _StepLoop:
     """The loop, differentiated by TensorFlow; returns (final flat carry, the stacked new
     values of the carried variables)."""
     num = self.r.num_steps
+    packing = _Packing(self.variables)
+    carried_packing = _Packing([self.variables[j] for j in self.carried])
     # TensorArrays, not gathers: the gradient of a gather from a loop-invariant tensor is a dense
     # [K, N] tensor added up every iteration (K^2 work without XLA); a TensorArray read's is
     # written to slot k of the gradient's TensorArray.
     arrays = {dtype: tf.TensorArray(dtype, size=num, element_shape=m.shape[1:]).unstack(m)
-              for dtype, m in self.packing.pack(values).items()}
-    outs = self.carried_packing.arrays(num)
+              for dtype, m in packing.pack(values, lead=(num,)).items()}
+    outs = carried_packing.arrays(num)
 
     def body(i, *state):
       k = self._order(i)
       h, outs = list(state[:len(flat)]), list(state[len(flat):])
-      theta = self.packing.unpack({dtype: a.read(k) for dtype, a in arrays.items()})
+      theta = packing.unpack({dtype: a.read(k) for dtype, a in arrays.items()}, lead=())
       kwargs = {key: tf.gather(v, k) for key, v in data.items()}
       h, new = self._apply(h, theta, kwargs, structure=carry)
-      return (i + 1, *h, *self.carried_packing.write(outs, k, new))
+      return (i + 1, *h, *carried_packing.write(outs, k, new))
 
     result = tf.while_loop(lambda i, *_: i < num, body, (tf.constant(0), *flat, *outs),
                            maximum_iterations=num)
-    return result[1:1 + len(flat)], self.carried_packing.stacked(result[1 + len(flat):], num)
+    return result[1:1 + len(flat)], carried_packing.stacked(result[1 + len(flat):], num)
 
   def _order(self, i):
     """The step the i-th iteration runs."""
